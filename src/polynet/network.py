@@ -1,0 +1,250 @@
+"""The PolyNet model: a stem, three stages of PolyInception units, two reductions and a head.
+
+The network is built from a :class:`~polynet.specs.NetworkSpec`, so every variant of the paper
+(IR baselines, the 18 ablation configs, the mixed 6-12-6, the Very Deep PolyNet) is data. It
+follows timm's model contract: ``forward_features`` / ``forward_head``, ``reset_classifier``,
+``get_classifier``, ``feature_info`` and ``set_grad_checkpointing``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Literal
+
+import torch
+from timm.layers import SelectAdaptivePool2d
+from timm.models._manipulate import checkpoint_seq
+from torch import nn
+
+from polynet.blocks import (
+    REDUCTION_A,
+    REDUCTION_B,
+    STAGE_BLOCKS,
+    ImageNetStem,
+    InceptionBlock,
+    Mixed,
+    SmallStem,
+    scaled,
+)
+from polynet.layers import LayerFactory, resolve_layers
+from polynet.modules import PolyInception, Sharing
+from polynet.specs import NetworkSpec
+
+StemKind = Literal["imagenet", "small"]
+
+
+def released_scales(num_units: int) -> list[float]:
+    """Per-unit residual scales of the released model: 1.0 decaying linearly to 0.7.
+
+    For the 40 units of the Very Deep PolyNet this is ``round(1 - 0.3 * i / 39, 6)``.
+    """
+    if num_units == 1:
+        return [1.0]
+    return [round(1 - 0.3 * i / (num_units - 1), 6) for i in range(num_units)]
+
+
+def linear_rates(num_units: int, last: float) -> list[float]:
+    """Rates rising linearly from 0 at the first unit to ``last`` at the last one."""
+    if num_units == 1:
+        return [last]
+    return [last * i / (num_units - 1) for i in range(num_units)]
+
+
+class PolyNet(nn.Module):
+    """A PolyNet (or Inception-ResNet) built from a network spec.
+
+    Args:
+        spec: The stage layout, as text (see :mod:`polynet.specs`) or a ``NetworkSpec``.
+        num_classes: Classifier outputs; 0 for no classifier (features only).
+        in_chans: Input channels.
+        width_mult: Multiplier for every width (1.0 is the released model).
+        stem: ``"imagenet"`` for the Inception-ResNet-v2 stem (inputs from 75 px), ``"small"``
+            for a resolution-keeping stem with padded reductions (28-64 px inputs).
+        sharing: Parameter sharing of repeated letters (``"full"`` or ``"released"``).
+        residual_scale: The paper's beta for every unit, a per-unit sequence, or
+            ``"released"`` for the released model's linear 1.0 -> 0.7 decay.
+        drop_rate: Dropout before the classifier.
+        path_drop_rate: Stochastic-path drop probability at the last unit (0 at the first).
+        global_pool: timm pool type (``"avg"``, ``"max"``, ``"avgmax"``, ...).
+        norm_layer: Norm factory or name.
+        act_layer: Activation factory or name.
+    """
+
+    def __init__(
+        self,
+        spec: str | NetworkSpec,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        width_mult: float = 1.0,
+        stem: StemKind = "imagenet",
+        sharing: Sharing = "full",
+        residual_scale: float | Sequence[float] | Literal["released"] = 0.3,
+        drop_rate: float = 0.2,
+        path_drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        norm_layer: LayerFactory | None = None,
+        act_layer: LayerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec if isinstance(spec, NetworkSpec) else NetworkSpec.parse(spec)
+        if width_mult <= 0:
+            raise ValueError(f"width_mult must be positive, got {width_mult}")
+        if in_chans < 1:
+            raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+        if stem not in ("imagenet", "small"):
+            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        norm_layer, act_layer = resolve_layers(norm_layer, act_layer)
+        layers = dict(norm_layer=norm_layer, act_layer=act_layer)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        scales = self._unit_scales(residual_scale)
+
+        small = stem == "small"
+        if small:
+            self.stem: nn.Module = SmallStem(in_chans, scaled(384, width_mult), **layers)
+        else:
+            self.stem = ImageNetStem(in_chans, width_mult, **layers)
+        self.min_input_size = self.stem.min_input_size
+        chs = self.stem.out_chs
+        stages, reductions, widths = [], [], []
+        unit = 0
+        for stage_spec, reduction in zip(self.spec.stages, (REDUCTION_A, REDUCTION_B, None)):
+            block = partial(
+                InceptionBlock, chs, STAGE_BLOCKS[stage_spec.name], width_mult, **layers
+            )
+            units = []
+            for module in stage_spec.units:
+                units.append(
+                    PolyInception(module, block, scales[unit], sharing, act_layer=act_layer)
+                )
+                unit += 1
+            stages.append(nn.Sequential(*units))
+            widths.append(chs)
+            if reduction is not None:
+                reductions.append(Mixed(chs, reduction, width_mult, small, **layers))
+                chs = reductions[-1].out_chs
+        # Registration order is forward order: timm's feature extraction walks the children.
+        self.stage_a, self.reduction_a, self.stage_b, self.reduction_b, self.stage_c = (
+            stages[0], reductions[0], stages[1], reductions[1], stages[2]
+        )
+        self.num_features = self.head_hidden_size = chs
+
+        stem_reduction = 1 if small else 8
+        self.feature_info = [
+            dict(num_chs=c, reduction=stem_reduction * 2**i, module=f"stage_{name}")
+            for i, (name, c) in enumerate(zip("abc", widths))
+        ]
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.last_linear = nn.Linear(chs, num_classes) if num_classes > 0 else nn.Identity()
+        self.set_path_drop(path_drop_rate)
+
+    def _unit_scales(
+        self, residual_scale: float | Sequence[float] | Literal["released"]
+    ) -> list[float]:
+        n = len(self.spec.units)
+        if residual_scale == "released":
+            return released_scales(n)
+        if isinstance(residual_scale, (int, float)):
+            return [float(residual_scale)] * n
+        scales = [float(s) for s in residual_scale]
+        if len(scales) != n:
+            raise ValueError(f"residual_scale has {len(scales)} values for {n} units")
+        return scales
+
+    @property
+    def units(self) -> list[PolyInception]:
+        """All PolyInception units, bottom to top."""
+        return [u for stage in (self.stage_a, self.stage_b, self.stage_c) for u in stage]
+
+    def set_path_drop(self, rate: float) -> None:
+        """Stochastic paths: drop probability rising linearly from 0 (first unit) to ``rate``.
+
+        Args:
+            rate: Drop probability of every non-identity path of the last unit, in [0, 1).
+        """
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"path drop rate must be in [0, 1), got {rate}")
+        units = self.units
+        for unit, p in zip(units, linear_rates(len(units), rate)):
+            unit.drop_prob = p
+        self.path_drop_rate = rate
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each unit's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for timm's layer-wise learning-rate decay."""
+        return dict(
+            stem=r"^stem",
+            blocks=[(r"^stage_a", (0,)), (r"^reduction_a", (1,)), (r"^stage_b", (2,)),
+                    (r"^reduction_b", (3,)), (r"^stage_c", (4,))]
+            if coarse
+            else [(r"^stage_(\w)\.(\d+)", None), (r"^reduction_(\w)", None)],
+        )
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The final linear layer."""
+        return self.last_linear
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (and optionally the pooling) for a new number of classes."""
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.last_linear = (
+            nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        )
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear ValueError for an input this model cannot take."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected a batch of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}; "
+                f"build the model with in_chans={x.shape[1] if x.ndim == 4 else '...'} "
+                "or convert the images"
+            )
+        if min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the "
+                f"{self.min_input_size}x{self.min_input_size} this model needs; resize the "
+                "images up or use a model with the small stem"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and the three stages: (N, C, H, W) -> (N, num_features, H/32, W/32)."""
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or _fx_tracing()):
+            self.check_input(x)
+        x = self.stem(x)  # (N, 384, 39, 39) at 331 px
+        x = self._stage(self.stage_a, x)
+        x = self.reduction_a(x)  # (N, 1152, 19, 19)
+        x = self._stage(self.stage_b, x)
+        x = self.reduction_b(x)  # (N, 2048, 9, 9)
+        return self._stage(self.stage_c, x)
+
+    def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool, dropout and classify; ``pre_logits`` stops before the classifier."""
+        x = self.global_pool(x)  # (N, num_features); the released 9x9 pool at 331 px
+        x = self.head_drop(x)
+        return x if pre_logits else self.last_linear(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _fx_tracing() -> bool:
+    return torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing()

@@ -1,0 +1,205 @@
+"""Named models, their ``pretrained_cfg`` and their registration with timm.
+
+Each model is one row of :data:`MODELS`: a network spec plus constructor arguments. The rows
+are registered as timm entry points, so after ``import polynet`` both
+``polynet.create_model(name)`` and ``timm.create_model(name)`` build them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import nn
+
+from polynet.algebra import PAPER_MODULES
+from polynet.network import PolyNet
+
+VERY_DEEP_SPEC = "A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5"
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+
+def _ir(a: int, b: int, c: int) -> str:
+    return f"A: ir x{a} | B: ir x{b} | C: ir x{c}"
+
+
+def _imagenet_cfg(size: int = 299, **overrides: Any) -> dict[str, Any]:
+    """The paper's evaluation input: bilinear resize and centre crop, ImageNet statistics."""
+    cfg = dict(
+        num_classes=1000,
+        input_size=(3, size, size),
+        pool_size=None,
+        crop_pct=0.875,
+        crop_mode="center",
+        interpolation="bilinear",
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="stem.conv1.conv",
+        classifier="last_linear",
+        license="apache-2.0",
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def _small_cfg(**overrides: Any) -> dict[str, Any]:
+    """Fashion-MNIST-sized input: 1 x 28 x 28, no crop, the data set's statistics."""
+    cfg = _imagenet_cfg(
+        num_classes=10,
+        input_size=(1, 28, 28),
+        crop_pct=1.0,
+        mean=FASHION_MNIST_MEAN,
+        std=FASHION_MNIST_STD,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    """A registered model: its spec, constructor arguments and preprocessing.
+
+    Attributes:
+        spec: The network spec (see :mod:`polynet.specs`).
+        kwargs: Extra :class:`~polynet.network.PolyNet` arguments.
+        cfg: The ``pretrained_cfg`` (input size, crop, interpolation, mean, std, ...).
+        description: One line for ``polynet list``.
+    """
+
+    spec: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    cfg: dict[str, Any] = field(default_factory=_imagenet_cfg)
+    description: str = ""
+
+
+def _module_id(module: str) -> str:
+    return module.replace("-", "")
+
+
+SMALL = dict(stem="small", width_mult=0.125, in_chans=1, num_classes=10, drop_rate=0.0)
+
+MODELS: dict[str, ModelDef] = {
+    "polynet": ModelDef(_ir(5, 10, 5), description="any spec: create_model('polynet', spec=...)"),
+    "polynet_very_deep": ModelDef(
+        VERY_DEEP_SPEC,
+        dict(sharing="released", residual_scale="released"),
+        # The released protocol: squash-resize to 378 x 378, centre crop 331.
+        _imagenet_cfg(331, crop_pct=331 / 378, crop_mode="squash"),
+        "the released Very Deep PolyNet (95.4M params, 331 px)",
+    ),
+    "polynet_ir_3_6_3": ModelDef(_ir(3, 6, 3), description="IR 3-6-3, the ablation baseline"),
+    "polynet_ir_5_10_5": ModelDef(_ir(5, 10, 5), description="IR 5-10-5, Inception-ResNet-v2"),
+    "polynet_ir_6_12_6": ModelDef(_ir(6, 12, 6), description="IR 6-12-6, the mixing baseline"),
+    "polynet_ir_20_56_20": ModelDef(
+        _ir(20, 56, 20), description="IR 20-56-20, the Very Deep Inception-ResNet"
+    ),
+}
+for _stage in "abc":
+    for _module in PAPER_MODULES:
+        _depths = dict(a=f"ir x3", b="ir x6", c="ir x3")
+        _depths[_stage] = f"{_module} x{dict(a=3, b=6, c=3)[_stage]}"
+        MODELS[f"polynet_3_6_3_{_stage}_{_module_id(_module)}"] = ModelDef(
+            f"A: {_depths['a']} | B: {_depths['b']} | C: {_depths['c']}",
+            description=f"IR 3-6-3 with stage {_stage.upper()} made of {_module} (Fig. 6)",
+        )
+MODELS["polynet_6_12_6_mixed"] = ModelDef(
+    "A: ir x6 | B: (3-way -> mpoly-3 -> poly-3) x4 | C: ir x6",
+    description="IR 6-12-6 with stage B (3-way -> mpoly-3 -> poly-3) x4 (Fig. 8)",
+)
+for _module in ("3-way", "mpoly-3", "poly-3"):
+    MODELS[f"polynet_6_12_6_{_module_id(_module)}"] = ModelDef(
+        f"A: ir x6 | B: {_module} x12 | C: ir x6",
+        description=f"IR 6-12-6 with stage B uniformly {_module} (Fig. 8)",
+    )
+MODELS.update(
+    polynet_small_ir=ModelDef(
+        _ir(1, 2, 1), SMALL, _small_cfg(), "small Inception-ResNet baseline for 28-64 px"
+    ),
+    polynet_small=ModelDef(
+        "A: 2-way | B: (mpoly-2, poly-2) | C: 2-way",
+        SMALL,
+        _small_cfg(),
+        "small PolyNet for 28-64 px (the quick start's default)",
+    ),
+)
+
+default_cfgs = generate_default_cfgs({name: d.cfg for name, d in MODELS.items()})
+
+
+def _build(name: str, pretrained: bool = False, **kwargs: Any) -> PolyNet:
+    definition = MODELS[name]
+    args = {"spec": definition.spec, **definition.kwargs, **kwargs}
+    return build_model_with_cfg(
+        PolyNet,
+        name,
+        pretrained=False,  # weights come from polynet.weights, never from a hub
+        feature_cfg=dict(flatten_sequential=False, out_indices=(0, 1, 2)),
+        **args,
+    )
+
+
+def _entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> PolyNet:
+        return _build(name, pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = MODELS[name].description
+    return entrypoint
+
+
+for _name in MODELS:
+    setattr(sys.modules[__name__], _name, register_model(_entrypoint(_name)))
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered PolyNet model names matching a glob pattern."""
+    return timm.list_models(pattern, module=__name__.rsplit(".", 1)[-1])
+
+
+def check_model_name(name: str) -> None:
+    """Raise a ValueError naming close matches and the full list for an unknown model."""
+    if name in MODELS:
+        return
+    close = difflib.get_close_matches(name, MODELS, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ValueError(f"unknown model {name!r}; {hint}valid models: {', '.join(MODELS)}")
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model, in timm's calling convention.
+
+    Args:
+        name: A name from :func:`list_models`; ``"polynet"`` takes any ``spec=``.
+        pretrained: Load weights; they must be given by ``checkpoint_path`` since nothing is
+            downloaded.
+        checkpoint_path: A ``.safetensors`` file or a checkpoint written by polynet or by the
+            released port (``polynet-f71d82a5.pth``).
+        **kwargs: ``num_classes``, ``in_chans``, ``features_only``, any
+            :class:`~polynet.network.PolyNet` argument.
+
+    Raises:
+        ValueError: For an unknown name (listing valid ones) or bad arguments.
+    """
+    check_model_name(name)
+    if pretrained and checkpoint_path is None:
+        raise ValueError(
+            f"pretrained={pretrained} needs checkpoint_path=: weights are never downloaded; "
+            "see the README for obtaining and converting the released file"
+        )
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpoint_path is not None:
+        from polynet.weights import load_pretrained
+
+        load_pretrained(model, checkpoint_path)
+    return model
