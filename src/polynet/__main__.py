@@ -1,0 +1,5 @@
+import sys
+
+from polynet.cli import main
+
+sys.exit(main())

@@ -1,0 +1,113 @@
+"""Checkpoint files: written atomically, read without executing code.
+
+A polynet checkpoint is one ``torch.save`` file holding only tensors and plain containers, so
+it loads with ``torch.load(weights_only=True)``. Its keys:
+
+- ``format``: ``"polynet-checkpoint"``; ``version``: 1.
+- ``model_name``: a registered model name; ``model_kwargs``: JSON-able constructor overrides
+  (``num_classes``, ``in_chans``, ``spec``, ``width_mult``, ...).
+- ``model``: the model's ``state_dict``.
+- Anything else a workflow adds (optimizer, scheduler, RNG states, metrics, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "polynet-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, truncated, foreign or unsafe."""
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Write a file so that a crash leaves either the old file or the complete new one.
+
+    Args:
+        path: Destination.
+        write: Called with a binary file object to fill.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Atomically save a checkpoint dict (``format`` and ``version`` are added)."""
+    payload = {"format": FORMAT, "version": VERSION, **payload}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
+    """Load a polynet checkpoint safely (no unpickling of code).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        CheckpointError: If it is truncated, corrupt, refused by the safe unpickler or not a
+            polynet checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first[:300]} (truncated, corrupt, or a pickle "
+            "that carries code, which is refused)"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a polynet checkpoint; for released weights use "
+            "'polynet convert' or create_model(..., checkpoint_path=...)"
+        )
+    return payload
+
+
+def load_model(
+    path: str | os.PathLike, map_location: str = "cpu", **overrides: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint and load its weights strictly.
+
+    Args:
+        path: A checkpoint written by :func:`save_checkpoint`.
+        map_location: Device for the loaded tensors.
+        **overrides: Extra constructor arguments (e.g. ``drop_rate``).
+
+    Returns:
+        The model in eval mode and the checkpoint's payload.
+    """
+    from polynet.zoo import create_model
+
+    payload = load_checkpoint(path, map_location)
+    model = create_model(payload["model_name"], **{**payload.get("model_kwargs", {}), **overrides})
+    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {payload['model_name']}: missing "
+            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
+        )
+    return model.eval(), payload
