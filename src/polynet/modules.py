@@ -111,7 +111,9 @@ class PolyInception(nn.Module):
             raise ValueError(f"path drop probability must be in [0, 1), got {value}")
         self._drop_prob = float(value)
 
-    def _apply(self, step_letter: str, order: int, h: torch.Tensor, inner: bool) -> torch.Tensor:
+    def _run_block(
+        self, step_letter: str, order: int, h: torch.Tensor, inner: bool
+    ) -> torch.Tensor:
         if inner and self.sharing == "released":
             h = self.act(h)
         block = self.blocks[step_letter]
@@ -132,7 +134,7 @@ class PolyInception(nn.Module):
         path = 0
         for step in self.plan:  # cascaded: each distinct suffix once
             h = x if step.parent < 0 else outputs[step.parent]
-            y = self._apply(step.letter, step.order, h, step.parent >= 0)
+            y = self._run_block(step.letter, step.order, h, step.parent >= 0)
             outputs.append(y)
             if step.is_path_end:
                 term = y if mask is None else y * mask[path]
@@ -150,7 +152,7 @@ class PolyInception(nn.Module):
         for path in self.polynomial.paths():
             h = x
             for i, (letter, order) in enumerate(path):
-                h = self._apply(letter, order, h, i > 0)
+                h = self._run_block(letter, order, h, i > 0)
             residual = residual + h
         return self.act(x + self.scale * residual)
 
@@ -159,4 +161,3 @@ class PolyInception(nn.Module):
             f"{self.expression!r}, scale={self.scale}, sharing={self.sharing!r}, "
             f"block_evals={self.num_block_evals}, drop_prob={self._drop_prob}"
         )
-
