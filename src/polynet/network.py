@@ -247,4 +247,4 @@ class PolyNet(nn.Module):
 
 
 def _fx_tracing() -> bool:
-    return torch.fx._symbolic_trace.is_fx_tracing_symbolic_tracing()
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
