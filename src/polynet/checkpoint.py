@@ -34,6 +34,7 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     Args:
         path: Destination.
         write: Called with a binary file object to fill.
+
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +61,27 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
+def read_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """Read any ``torch.save`` file with the safe unpickler (tensors and plain containers only).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        CheckpointError: If it is truncated, corrupt or refused by the safe unpickler.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types for bad files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first[:300]} (truncated, corrupt, or a pickle "
+            "that carries code, which is refused)"
+        ) from err
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
     """Load a polynet checkpoint safely (no unpickling of code).
 
@@ -67,18 +89,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
         FileNotFoundError: If the file does not exist.
         CheckpointError: If it is truncated, corrupt, refused by the safe unpickler or not a
             polynet checkpoint.
+
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for bad files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"cannot read checkpoint {path}: {first[:300]} (truncated, corrupt, or a pickle "
-            "that carries code, which is refused)"
-        ) from err
+    payload = read_torch_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a polynet checkpoint; for released weights use "
@@ -99,6 +113,7 @@ def load_model(
 
     Returns:
         The model in eval mode and the checkpoint's payload.
+
     """
     from polynet.zoo import create_model
 

@@ -1,0 +1,523 @@
+"""Weights files: safe loading into any polynet model, and the released port's key layout.
+
+:func:`load_pretrained` accepts three kinds of file, none of which can run code when read:
+
+- ``.safetensors`` written by :func:`save_weights` (``polynet convert``), whose metadata names
+  the model, its constructor arguments and its evaluation preprocessing;
+- a polynet training checkpoint (:mod:`polynet.checkpoint`);
+- a plain ``torch.save`` state dict, in this package's layout or in the layout of the released
+  PyTorch port of the authors' model (``pretrainedmodels``, file ``polynet-f71d82a5.pth``).
+  Pickles are read with ``torch.load(weights_only=True)``, which refuses any object that is not a
+  tensor or a plain container.
+
+The port's key layout is derived from the two module structures by :func:`port_key_map`, one
+rule per kind of module (stem, reduction, k-way unit, released poly-k unit), not by position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from timm.models._manipulate import adapt_input_conv
+from torch import nn
+
+from polynet.blocks import ImageNetStem, InceptionBlock, Mixed
+from polynet.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from polynet.checkpoint import CheckpointError, atomic_write, read_torch_file
+from polynet.modules import PolyInception
+from polynet.network import PolyNet
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_FORMAT = "polynet-weights"
+PORT_MODEL = "polynet_very_deep"
+"""The model the released port's weights belong to (the default for files without metadata)."""
+
+# The evaluation preprocessing stored with converted weights (a subset of ``pretrained_cfg``).
+PREPROCESSING_KEYS = (
+    "input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "num_classes",
+)
+_MAX_LISTED = 5  # mismatching keys named in one error message
+
+
+@dataclass
+class WeightsFile:
+    """The tensors of a weights file and what the file says about them.
+
+    Attributes:
+        path: Where it was read from.
+        state_dict: Tensor name -> tensor, in whichever layout the file uses.
+        kind: ``"safetensors"``, ``"checkpoint"`` (polynet training checkpoint) or
+            ``"state_dict"`` (a plain ``torch.save`` dict, e.g. the released port's file).
+        model_name: The registered model the file names, if it names one.
+        model_kwargs: Constructor overrides the file records (``num_classes``, ...).
+        pretrained_cfg: Preprocessing recorded in the file, if any.
+
+    """
+
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    kind: str
+    model_name: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+
+
+def read_weights(path: str | os.PathLike) -> WeightsFile:
+    """Read a weights file of any accepted kind without executing code.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        CheckpointError: If it is truncated, corrupt, a pickle carrying code, or holds no
+            state dict.
+
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    payload = read_torch_file(path)
+    if isinstance(payload, Mapping) and payload.get("format") == CHECKPOINT_FORMAT:
+        return WeightsFile(
+            path,
+            dict(payload["model"]),
+            "checkpoint",
+            payload.get("model_name"),
+            dict(payload.get("model_kwargs", {})),
+        )
+    if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
+        payload = payload["state_dict"]  # the common {"state_dict": ...} wrapper
+    if not isinstance(payload, Mapping) or not payload:
+        raise CheckpointError(f"{path} holds no state dict (found {type(payload).__name__})")
+    not_tensors = [k for k, v in payload.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{path} is not a state dict: {len(not_tensors)} entries are not tensors "
+            f"(first: {', '.join(map(str, not_tensors[:_MAX_LISTED]))})"
+        )
+    return WeightsFile(path, dict(payload), "state_dict")
+
+
+def _read_safetensors(path: Path) -> WeightsFile:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state_dict = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error type and OSError
+        raise CheckpointError(
+            f"cannot read safetensors file {path}: {str(err).strip()[:300]} (truncated or "
+            "corrupt; convert the source again)"
+        ) from err
+    try:
+        kwargs = json.loads(metadata.get("model_kwargs", "{}"))
+        cfg = json.loads(metadata.get("pretrained_cfg", "{}"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path} has malformed metadata: {err}") from err
+    return WeightsFile(path, state_dict, "safetensors", metadata.get("model_name"), kwargs, cfg)
+
+
+# --- the released port's key layout ---------------------------------------------------------
+
+
+def _conv_norm(leaves: dict[str, str], ours: str, port: str) -> None:
+    """Map a ConvNormAct onto the port's BasicConv2d: the same ``conv`` / ``bn`` children."""
+    leaves[f"{ours}.conv"] = f"{port}.conv"
+    leaves[f"{ours}.bn"] = f"{port}.bn"
+
+
+def _mixed(leaves: dict[str, str], mixed: Mixed, ours: str, port_names: list[str]) -> None:
+    """Map concatenated branches onto the port's named modules.
+
+    A one-conv branch is the port's module itself, a longer branch an ``nn.Sequential`` indexed
+    by position. Pool branches carry no tensors.
+    """
+    for b, (branch, name) in enumerate(zip(mixed.branches, port_names, strict=True)):
+        if isinstance(branch, nn.MaxPool2d):
+            continue
+        for j in range(len(branch)):
+            port = name if len(branch) == 1 else f"{name}.{j}"
+            _conv_norm(leaves, f"{ours}.branches.{b}.{j}", port)
+
+
+def _kway_block(leaves: dict[str, str], block: InceptionBlock, ours: str, port: str) -> None:
+    """Map a plain block (one order) onto the port's BlockA/B/C: ``path{b}[.j]``, ``conv2d``."""
+    for b, convs in enumerate(block.convs):
+        for j in range(len(convs)):
+            name = f"{port}.path{b}" if len(convs) == 1 else f"{port}.path{b}.{j}"
+            leaves[f"{ours}.convs.{b}.{j}"] = f"{name}.conv"
+            leaves[f"{ours}.norms.0.{b}.{j}"] = f"{name}.bn"
+    _conv_norm(leaves, f"{ours}.proj.0", f"{port}.conv2d")
+
+
+def _poly_block(leaves: dict[str, str], block: InceptionBlock, ours: str, port: str) -> None:
+    """Map a released poly-k block onto the port's ``InceptionResNet{B,C}Poly``.
+
+    A shared conv is a ``PolyConv2d`` named ``path{b}`` (one-conv branch) or
+    ``path{b}_{kh}x{kw}`` after its kernel, holding one BatchNorm per order in ``bn_blocks``;
+    the up-projections are ``conv2d_blocks.{order}``.
+    """
+    for b, convs in enumerate(block.convs):
+        for j, conv in enumerate(convs):
+            kh, kw = conv.kernel_size
+            name = f"{port}.path{b}" if len(convs) == 1 else f"{port}.path{b}_{kh}x{kw}"
+            leaves[f"{ours}.convs.{b}.{j}"] = f"{name}.conv"
+            for order in range(block.num_orders):
+                leaves[f"{ours}.norms.{order}.{b}.{j}"] = f"{name}.bn_blocks.{order}"
+    for order in range(block.num_orders):
+        _conv_norm(leaves, f"{ours}.proj.{order}", f"{port}.conv2d_blocks.{order}")
+
+
+def _unit(leaves: dict[str, str], unit: PolyInception, name: str) -> None:
+    terms = unit.polynomial.terms
+    if all(len(term) == 1 for term in terms):  # k-way: I + F + G + ..., the port's MultiWay
+        for i, letter in enumerate(unit.polynomial.letters):
+            _kway_block(
+                leaves, unit.blocks[letter], f"{name}.blocks.{letter}", f"{name}.blocks.{i}"
+            )
+        return
+    letters = unit.polynomial.letters
+    is_poly = len(letters) == 1 and terms == tuple(
+        (letters[0],) * k for k in range(1, len(terms) + 1)
+    )
+    if is_poly and unit.sharing == "released":
+        _poly_block(leaves, unit.blocks[letters[0]], f"{name}.blocks.{letters[0]}", name)
+        return
+    raise ValueError(
+        f"unit {name} ({unit.expression}, sharing={unit.sharing!r}) has no counterpart in the "
+        "released port, which has only k-way units and poly-k units with released sharing"
+    )
+
+
+def port_key_map(model: nn.Module) -> dict[str, str]:
+    """Map every state-dict key of a PolyNet onto the released port's key.
+
+    The map is built from both module structures: the stem's and reductions' branches by
+    position and port name, 2-way units onto ``blocks.{i}``, released poly-3 units onto the
+    port's shared ``PolyConv2d`` layout. For ``polynet_very_deep`` it covers all 3,104 keys.
+
+    Args:
+        model: A PolyNet with the ImageNet stem whose units are k-way or released poly-k.
+
+    Returns:
+        Our key -> the port's key, in our state-dict order.
+
+    Raises:
+        ValueError: If the model has parts the port cannot express.
+
+    """
+    if not isinstance(model, PolyNet) or not isinstance(model.stem, ImageNetStem):
+        raise ValueError(
+            f"{type(model).__name__} has no released-port layout: only PolyNets with the "
+            f"ImageNet stem (such as {PORT_MODEL}) map onto it"
+        )
+    leaves: dict[str, str] = {}
+    for i in range(3):  # the port keeps the first three convs in one nn.Sequential
+        _conv_norm(leaves, f"stem.conv{i + 1}", f"stem.conv1.{i}")
+    stem = model.stem
+    _mixed(leaves, stem.mixed1, "stem.mixed1", ["stem.conv1_pool_branch", "stem.conv1_branch"])
+    _mixed(leaves, stem.mixed2, "stem.mixed2", ["stem.conv2_short", "stem.conv2_long"])
+    _mixed(leaves, stem.mixed3, "stem.mixed3", ["stem.conv2_pool_branch", "stem.conv2_branch"])
+    for name in ("reduction_a", "reduction_b"):
+        mixed = getattr(model, name)
+        _mixed(leaves, mixed, name, [f"{name}.path{b}" for b in range(len(mixed.branches))])
+    for stage in ("stage_a", "stage_b", "stage_c"):
+        for i, unit in enumerate(getattr(model, stage)):
+            _unit(leaves, unit, f"{stage}.{i}")
+    leaves["last_linear"] = "last_linear"
+
+    key_map = {}
+    for key in model.state_dict():
+        module, _, tensor = key.rpartition(".")
+        if module not in leaves:  # a module the rules above forgot: a bug, not a user error
+            raise AssertionError(f"no port name for {key}")
+        key_map[key] = f"{leaves[module]}.{tensor}"
+    return key_map
+
+
+def to_port_layout(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, Any]:
+    """Rename a state dict of ``model`` (our layout) to the released port's keys."""
+    key_map = port_key_map(model)
+    return {key_map[k]: v for k, v in state_dict.items()}
+
+
+def from_port_layout(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
+    """Rename a state dict in the port's layout to ``model``'s keys.
+
+    Keys the port layout does not have are kept under their own name, so that the strict
+    check that follows reports them as unexpected.
+    """
+    inverse = {port: ours for ours, port in port_key_map(model).items()}
+    return {inverse.get(k, k): v for k, v in state_dict.items()}
+
+
+def _is_port_layout(keys: set[str], model: nn.Module) -> bool:
+    try:
+        port_keys = set(port_key_map(model).values())
+    except ValueError:
+        return False
+    own_keys = set(model.state_dict())
+    return len(keys & port_keys) > len(keys & own_keys)
+
+
+# --- fitting a state dict to a model ---------------------------------------------------------
+
+
+def _fill_bn_counters(state: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Start BatchNorm's ``num_batches_tracked`` at zero where the file lacks it.
+
+    Files saved before PyTorch 0.4 have no such counter; it does not affect the forward pass.
+    """
+    for key, value in expected.items():
+        if key.endswith(".num_batches_tracked") and key not in state:
+            state[key] = torch.zeros_like(value, device="cpu")
+
+
+def _adapt(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Fine-tuning adaptations in timm's manner: a new classifier and a different input."""
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    expected = model.state_dict()
+    classifier = cfg.get("classifier", "last_linear")
+    for suffix in ("weight", "bias"):
+        key = f"{classifier}.{suffix}"
+        if key not in state:
+            continue
+        if key not in expected:  # num_classes=0 or features_only: nothing to load into
+            del state[key]
+        elif state[key].shape != expected[key].shape:
+            if suffix == "weight":
+                warnings.warn(
+                    f"{path} has a {state[key].shape[0]}-class classifier; it is re-initialised "
+                    f"for num_classes={expected[key].shape[0]} and must be trained",
+                    stacklevel=4,
+                )
+            state[key] = expected[key]  # keep the model's fresh initialisation
+    first_conv = f"{cfg.get('first_conv', 'stem.conv1.conv')}.weight"
+    if first_conv in state and first_conv in expected:
+        weight, want = state[first_conv], expected[first_conv]
+        if weight.ndim == 4 and weight.shape[1] != want.shape[1]:
+            _logger.info(
+                "adapting %s from %d to %d input channels",
+                first_conv,
+                weight.shape[1],
+                want.shape[1],
+            )
+            state[first_conv] = adapt_input_conv(want.shape[1], weight)
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture", type(model).__name__)
+
+
+def _check_fit(state: Mapping[str, torch.Tensor], model: nn.Module, weights: WeightsFile) -> None:
+    """Raise one CheckpointError naming the first missing, unexpected and misshapen keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    problems = [
+        f"{len(found)} {what} (first: {', '.join(found[:_MAX_LISTED])})"
+        for what, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes (file vs model)", shapes),
+        )
+        if found
+    ]
+    arch = _architecture(model)
+    if weights.model_name and weights.model_name != arch:
+        hint = f"it holds {weights.model_name} weights; build that model instead"
+    else:
+        hint = "it is a checkpoint of another architecture or of different model arguments"
+    raise CheckpointError(f"{weights.path} does not fit {arch}: {'; '.join(problems)}; {hint}")
+
+
+def fit_state_dict(
+    weights: WeightsFile, model: nn.Module, adapt: bool = True
+) -> dict[str, torch.Tensor]:
+    """Rename, adapt and check the file's tensors for ``model``.
+
+    Args:
+        weights: A file read by :func:`read_weights`.
+        model: The model to load into (a model on the ``meta`` device is fine).
+        adapt: Drop a classifier of another size (with a warning) and adapt the first conv to
+            ``in_chans`` as timm does; without it, any difference is an error.
+
+    Returns:
+        A state dict with exactly ``model``'s keys and shapes.
+
+    Raises:
+        CheckpointError: Listing the first missing, unexpected and misshapen keys.
+
+    """
+    state = dict(weights.state_dict)
+    if _is_port_layout(set(state), model):
+        state = from_port_layout(state, model)
+    expected = model.state_dict()
+    _fill_bn_counters(state, expected)
+    if adapt:
+        _adapt(state, model, weights.path)
+    _check_fit(state, model, weights)
+    return state
+
+
+def load_pretrained(model: nn.Module, checkpoint_path: str | os.PathLike) -> nn.Module:
+    """Load a weights file into ``model`` (the hook behind ``create_model(checkpoint_path=)``).
+
+    Accepts converted ``.safetensors``, polynet checkpoints and plain state dicts in our layout
+    or the released port's. A classifier of another size is re-initialised with a warning; the
+    first conv is adapted when ``in_chans`` differs.
+
+    Args:
+        model: The freshly built model.
+        checkpoint_path: The weights file.
+
+    Returns:
+        ``model``, with the weights loaded.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        CheckpointError: For an unreadable or unsafe file, or one that does not fit the model.
+
+    """
+    weights = read_weights(checkpoint_path)
+    model.load_state_dict(fit_state_dict(weights, model), strict=True)
+    return model
+
+
+def preprocessing(model: nn.Module) -> dict[str, Any]:
+    """Return the evaluation preprocessing of a model's ``pretrained_cfg``, JSON-able."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in PREPROCESSING_KEYS
+    }
+
+
+def model_from_weights(
+    path: str | os.PathLike, model_name: str | None = None, **kwargs: Any
+) -> tuple[nn.Module, WeightsFile]:
+    """Build the model a weights file belongs to and load it, in eval mode.
+
+    Args:
+        path: Any file :func:`read_weights` accepts.
+        model_name: The model to build; by default the one the file names, else
+            ``polynet_very_deep`` (files without metadata are the released port's).
+        **kwargs: Constructor overrides, on top of those the file records.
+
+    Returns:
+        The model and the file it was loaded from.
+
+    """
+    from polynet.zoo import create_model
+
+    weights = read_weights(path)
+    name = model_name or weights.model_name or PORT_MODEL
+    model_kwargs = {**weights.model_kwargs, **kwargs} if name == weights.model_name else kwargs
+    model = create_model(name, **model_kwargs)
+    model.load_state_dict(fit_state_dict(weights, model), strict=True)
+    return model.eval(), weights
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def save_weights(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    model_name: str,
+    model_kwargs: Mapping[str, Any] | None = None,
+    pretrained_cfg: Mapping[str, Any] | None = None,
+) -> None:
+    """Atomically write a ``.safetensors`` file with the model name and preprocessing.
+
+    Args:
+        path: Destination, ending in ``.safetensors``.
+        state_dict: The tensors (our layout).
+        model_name: The registered model they belong to.
+        model_kwargs: Constructor overrides needed to rebuild the model.
+        pretrained_cfg: Evaluation preprocessing (see :func:`preprocessing`).
+
+    """
+    metadata = {
+        "format": WEIGHTS_FORMAT,
+        "model_name": model_name,
+        "model_kwargs": json.dumps(dict(model_kwargs or {})),
+        "pretrained_cfg": json.dumps(dict(pretrained_cfg or {})),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model_name: str | None = None,
+    to_port: bool = False,
+) -> dict[str, Any]:
+    """Convert a weights file to our ``.safetensors`` or to the released port's layout.
+
+    The model is built on the ``meta`` device, so only the file's tensors take memory.
+
+    Args:
+        src: Any file :func:`read_weights` accepts (e.g. ``polynet-f71d82a5.pth``).
+        dst: ``.safetensors`` destination; with ``to_port``, a ``torch.save`` file that the
+            port's ``PolyNet.load_state_dict`` loads strictly.
+        model_name: The model the weights belong to; by default the one ``src`` names, else
+            ``polynet_very_deep``.
+        to_port: Write the port's layout instead of ours.
+
+    Returns:
+        A summary: model name, tensor and parameter counts, destination.
+
+    Raises:
+        CheckpointError: If ``src`` is unreadable or does not fit the model exactly.
+        ValueError: For a destination of the wrong kind or a model the port cannot express.
+
+    """
+    from polynet.zoo import create_model
+
+    dst = Path(dst)
+    if not to_port and dst.suffix != ".safetensors":
+        raise ValueError(
+            f"destination {dst} must end in .safetensors (or ask for the port's layout with "
+            "--to-port)"
+        )
+    weights = read_weights(src)
+    name = model_name or weights.model_name or PORT_MODEL
+    kwargs = weights.model_kwargs if name == weights.model_name else {}
+    with torch.device("meta"):  # the structure and shapes, without allocating 95M parameters
+        model = create_model(name, **kwargs)
+    state = fit_state_dict(weights, model, adapt=False)
+    if to_port:
+        port_state = to_port_layout(state, model)
+        atomic_write(dst, lambda f: torch.save(port_state, f))
+    else:
+        save_weights(dst, state, name, kwargs, preprocessing(model))
+    num_params = sum(p.numel() for p in model.parameters())
+    return dict(model_name=name, tensors=len(state), params=num_params, dst=str(dst))
