@@ -13,7 +13,13 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order ``polynet --help`` lists them.
-SUBCOMMANDS = ("polynet.cli.info",)
+SUBCOMMANDS = (
+    "polynet.cli.info",
+    "polynet.cli.grow",
+    "polynet.cli.convert",
+    "polynet.cli.predict",
+    "polynet.cli.export",
+)
 
 
 class UserError(Exception):
