@@ -19,6 +19,7 @@ SUBCOMMANDS = (
     "polynet.cli.convert",
     "polynet.cli.predict",
     "polynet.cli.export",
+    "polynet.cli.eval",
 )
 
 

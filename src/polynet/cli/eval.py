@@ -1,0 +1,165 @@
+"""``polynet eval``: single-crop or the paper's multi-crop evaluation of a weights file."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from polynet.evaluation import MultiCrop, SingleCrop
+from polynet.evaluation.api import REPORT_FILES, evaluate_weights, write_reports
+from polynet.evaluation.pooling import DEFAULT_TOP_FRACTION, SCORE_TYPES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand."""
+    p = subparsers.add_parser(
+        "eval",
+        help="top-1/top-5 accuracy, per-class accuracy and a confusion matrix of a model",
+        description=(
+            "Evaluate a checkpoint or weights file. Single-crop follows the model's "
+            "pretrained_cfg; --multi-crop is the paper's 36 crops x scales with top-k pooling. "
+            "Under torchrun every process evaluates a disjoint share of the images."
+        ),
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="polynet checkpoint, .safetensors or the released port's .pth",
+    )
+    p.add_argument(
+        "--model",
+        help="registered model to build (default: the one the file "
+        "names; polynet_very_deep for the released file)",
+    )
+    p.add_argument("--data", required=True, help="'fashion-mnist' or an ImageNet-layout folder")
+    p.add_argument(
+        "--split",
+        default="val",
+        help="split to evaluate (default: val; Fashion-MNIST's val is its test split)",
+    )
+    crop = p.add_argument_group("single-crop protocol (default: the model's pretrained_cfg)")
+    crop.add_argument("--crop-pct", type=float, help="crop fraction, e.g. 0.875")
+    crop.add_argument(
+        "--crop-mode",
+        choices=("center", "squash"),
+        help="center: keep aspect; squash: resize both sides (released model)",
+    )
+    multi = p.add_argument_group("multi-crop protocol (paper section 5)")
+    multi.add_argument(
+        "--multi-crop",
+        action="store_true",
+        help="36 crops per scale, top-k pooled per class, mean over scales",
+    )
+    multi.add_argument(
+        "--scales",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="shorter-side lengths (default: 8 scales, input size x 16/14 ... "
+        "23/14, e.g. 32 34 ... 46 at 28 px)",
+    )
+    multi.add_argument(
+        "--top-fraction",
+        type=float,
+        default=DEFAULT_TOP_FRACTION,
+        help="share of a scale's crops averaged per class (default: 0.3)",
+    )
+    multi.add_argument(
+        "--score",
+        choices=SCORE_TYPES,
+        default="softmax",
+        help="what is pooled (default: softmax probabilities)",
+    )
+    run = p.add_argument_group("running")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="crops (images for single-crop) per forward pass; halved on CUDA OOM",
+    )
+    run.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    run.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    run.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="OUT", help="write the JSON report to OUT")
+    out.add_argument("--out", metavar="DIR", help=f"write {', '.join(REPORT_FILES)} to DIR")
+    p.set_defaults(func=run_eval)
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not args.multi_crop and (
+        args.scales or args.score != "softmax" or args.top_fraction != DEFAULT_TOP_FRACTION
+    ):
+        raise ValueError("--scales, --score and --top-fraction need --multi-crop")
+    if args.multi_crop and (args.crop_pct is not None or args.crop_mode is not None):
+        raise ValueError(
+            "--crop-pct and --crop-mode set the single-crop protocol; drop them "
+            "or drop --multi-crop"
+        )
+    if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
+        raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch-size and --limit must be positive and --workers not negative")
+
+
+def _init_distributed(device: str | None) -> tuple[bool, str | None]:
+    """Join the process group torchrun describes; return whether we did and the device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False, device
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True, device or "cpu"
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Evaluate, print a summary and write the requested reports (rank 0 only)."""
+    _check(args)
+    if args.multi_crop:
+        protocol = MultiCrop(
+            tuple(args.scales) if args.scales else None, args.top_fraction, args.score
+        )
+    else:
+        protocol = SingleCrop(args.crop_pct, args.crop_mode)
+    started, device = _init_distributed(args.device)
+    try:
+        report, result = evaluate_weights(
+            args.checkpoint,
+            args.data,
+            args.split,
+            protocol,
+            model_name=args.model,
+            batch_size=args.batch_size,
+            device=device,
+            num_workers=args.workers,
+            limit=args.limit,
+            amp=args.amp,
+            progress=not args.no_progress,
+        )
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return 0
+        for path, reason in result.unreadable:
+            print(f"polynet: warning: skipped unreadable image {path}: {reason}", file=sys.stderr)
+        m = report["metrics"]
+        print(
+            f"{report['model']['name']} on {args.data} {report['data']['split']} "
+            f"({report['protocol']['name']}): top-1 {m['top1_accuracy']:.2f}% "
+            f"(error {m['top1_error']:.2f}%), top-5 {m['top5_accuracy']:.2f}% "
+            f"(error {m['top5_error']:.2f}%) on {m['images']} images, "
+            f"{len(result.unreadable)} unreadable; {report['runtime']['images_per_second']:.1f} "
+            "images/s"
+        )
+        for path in write_reports(report, args.out, args.json):
+            print(f"wrote {path}")
+        return 0
+    finally:
+        if started:
+            dist.destroy_process_group()

@@ -1,0 +1,425 @@
+"""The evaluation loop: protocols, batching, OOM back-off and distributed counting."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+from tqdm.auto import tqdm
+
+from polynet.data import UnreadableImageError, eval_transform
+from polynet.evaluation.crops import (
+    CROPS_PER_SCALE,
+    MultiScaleResize,
+    check_scales,
+    default_scales,
+    distinct_crops,
+    multi_crop,
+    multi_crop_boxes,
+)
+from polynet.evaluation.metrics import DEFAULT_TOPK, ClassificationMetrics
+from polynet.evaluation.pooling import (
+    DEFAULT_TOP_FRACTION,
+    SCORE_TYPES,
+    ScoreType,
+    crop_scores,
+    pool_multi_scale,
+    pooled_count,
+)
+
+
+@dataclass(frozen=True)
+class SingleCrop:
+    """One resized, centre-cropped view per image, as the model's ``pretrained_cfg`` says.
+
+    ``crop_mode="center"`` keeps the aspect ratio (shorter side to ``size / crop_pct``, then a
+    centre crop); ``"squash"`` resizes both sides to ``size / crop_pct`` first (the released
+    Very Deep PolyNet: 378 x 378, then the centre 331 x 331).
+
+    Attributes:
+        crop_pct: Override of the config's crop fraction.
+        crop_mode: Override of the config's crop mode (``"center"`` or ``"squash"``).
+
+    """
+
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+
+    name = "single-crop"
+
+
+@dataclass(frozen=True)
+class MultiCrop:
+    """The paper's multi-crop protocol: 36 crops per scale, top-k pooled, averaged over scales.
+
+    Attributes:
+        scales: Shorter-side lengths; ``None`` for :func:`~polynet.evaluation.default_scales`
+            of the model's input size.
+        top_fraction: Share of the crops of a scale averaged per class (0.3 in the paper).
+        score: Pool ``"softmax"`` probabilities (default) or raw ``"logits"``.
+
+    """
+
+    scales: tuple[int, ...] | None = None
+    top_fraction: float = DEFAULT_TOP_FRACTION
+    score: ScoreType = "softmax"
+
+    name = "multi-crop"
+
+    def __post_init__(self) -> None:
+        pooled_count(CROPS_PER_SCALE, self.top_fraction)  # validates the fraction
+        if self.score not in SCORE_TYPES:
+            raise ValueError(f"score must be one of {', '.join(SCORE_TYPES)}, got {self.score!r}")
+
+
+Protocol = SingleCrop | MultiCrop
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation counted.
+
+    Attributes:
+        metrics: Top-k counts and the confusion matrix over the readable images.
+        classes: Class names, in label order.
+        protocol: How images were turned into predictions (JSON-able).
+        unreadable: ``(path, reason)`` for every image that could not be read; these are
+            excluded from the counts.
+        seconds: Wall time of the evaluation loop.
+        world_size: Processes that shared the work.
+
+    """
+
+    metrics: ClassificationMetrics
+    classes: list[str]
+    protocol: dict[str, Any]
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    world_size: int = 1
+
+    @property
+    def images_per_second(self) -> float:
+        """Images (readable or not) processed per second of wall time."""
+        total = self.metrics.count + len(self.unreadable)
+        return total / self.seconds if self.seconds > 0 else float("nan")
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """Return the model's ``pretrained_cfg`` (input size, crop, interpolation, mean, std)."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not cfg or "input_size" not in cfg:
+        raise ValueError(
+            f"{type(model).__name__} has no pretrained_cfg with an input_size; build it with "
+            "polynet.create_model or pass cfg= to evaluate()"
+        )
+    return dict(cfg)
+
+
+def _interpolation(cfg: dict[str, Any]) -> InterpolationMode:
+    return InterpolationMode(cfg.get("interpolation", "bilinear"))
+
+
+@dataclass
+class _Unreadable:
+    path: str
+    reason: str
+
+
+class _EvalView(Dataset):
+    """A subset of a data set with the protocol's transform; unreadable items become markers."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable) -> None:
+        self.dataset, self.indices, self.transform = dataset, indices, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Any, int] | _Unreadable:
+        try:
+            image, label = self.dataset[self.indices[i]]
+        except UnreadableImageError as err:
+            return _Unreadable(err.path, err.reason)
+        return self.transform(image), int(label)
+
+
+def _collate(stack: bool) -> Callable:
+    def collate(items: list) -> tuple[Any, torch.Tensor, list[_Unreadable]]:
+        bad = [item for item in items if isinstance(item, _Unreadable)]
+        good = [item for item in items if not isinstance(item, _Unreadable)]
+        inputs = [x for x, _ in good]
+        if stack and inputs:
+            inputs = torch.stack(inputs)
+        return inputs, torch.tensor([y for _, y in good], dtype=torch.long), bad
+
+    return collate
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError)
+
+
+class AdaptiveBatchForward:
+    """Run a model over a batch in chunks, halving the chunk after a CUDA out-of-memory error.
+
+    The smaller chunk is kept for later calls, so one oversized batch costs one retry.
+
+    Args:
+        model: The network (already on its device, in eval mode).
+        batch_size: Largest chunk tried first.
+
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the model's outputs for ``x`` as float32, computed chunk by chunk."""
+        outputs, start = [], 0
+        while start < len(x):
+            size = self.batch_size
+            try:
+                outputs.append(self.model(x[start : start + size]).float())
+                start += size
+                continue
+            except Exception as err:
+                if not _is_oom(err) or size == 1:
+                    raise
+            # Out of the except block, so the failed attempt's tensors are freed first.
+            self.batch_size = max(1, size // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            warnings.warn(
+                f"CUDA out of memory with {size} crops per batch; retrying with {self.batch_size}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return torch.cat(outputs)
+
+
+def _score_groups(
+    groups: Iterable[tuple[Any, torch.Tensor]], forward: AdaptiveBatchForward, batch_size: int
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Batch crop groups of any sizes through ``forward``; yield each group's logits in order.
+
+    At most ``batch_size`` plus one group of crops are held at a time.
+    """
+    pending: list[tuple[Any, torch.Tensor]] = []
+    held = 0
+
+    def flush() -> Iterator[tuple[Any, torch.Tensor]]:
+        logits = forward(torch.cat([crops for _, crops in pending]))
+        sizes = [len(crops) for _, crops in pending]
+        yield from zip([key for key, _ in pending], logits.split(sizes), strict=True)
+
+    for key, crops in groups:
+        pending.append((key, crops))
+        held += len(crops)
+        if held >= batch_size:
+            yield from flush()
+            pending, held = [], 0
+    if pending:
+        yield from flush()
+
+
+def _shard(total: int) -> tuple[range, int, int]:
+    """Pick this process's indices: every ``world``-th item from its rank, so no item repeats."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    return range(rank, total, world), rank, world
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def describe_protocol(protocol: Protocol, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Describe, as JSON-able values, a protocol resolved against a model config."""
+    size = int(cfg["input_size"][-1])
+    base = dict(
+        name=protocol.name,
+        input_size=list(cfg["input_size"]),
+        interpolation=cfg.get("interpolation", "bilinear"),
+        mean=list(cfg["mean"]),
+        std=list(cfg["std"]),
+    )
+    if isinstance(protocol, SingleCrop):
+        crop_pct = protocol.crop_pct or cfg.get("crop_pct", 1.0)
+        crop_mode = protocol.crop_mode or cfg.get("crop_mode", "center")
+        return dict(base, crop_pct=crop_pct, crop_mode=crop_mode)
+    scales = check_scales(protocol.scales or default_scales(size), size)
+    return dict(
+        base,
+        scales=list(scales),
+        crops_per_scale=CROPS_PER_SCALE,
+        crops_per_image=CROPS_PER_SCALE * len(scales),
+        top_fraction=protocol.top_fraction,
+        pooled_crops_per_scale=pooled_count(CROPS_PER_SCALE, protocol.top_fraction),
+        score=protocol.score,
+    )
+
+
+def _single_crop_transform(cfg: dict[str, Any], description: dict[str, Any]) -> Callable:
+    return eval_transform(
+        dict(cfg, crop_pct=description["crop_pct"], crop_mode=description["crop_mode"])
+    )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    protocol: Protocol | None = None,
+    *,
+    cfg: dict[str, Any] | None = None,
+    batch_size: int = 128,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    limit: int | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a classifier on a data set of ``(PIL image, label)`` items.
+
+    Under ``torch.distributed`` every process evaluates every ``world_size``-th image from its
+    rank (no image twice, none padded in) and the counts are summed over processes; every
+    process gets the same result.
+
+    Args:
+        model: The classifier; put in eval mode and moved to ``device``.
+        dataset: Items ``(image, label)`` with images as PIL images (build it with
+            ``transform=None``) and a ``classes`` list. Items whose reading raises
+            :class:`polynet.data.UnreadableImageError` are reported and skipped.
+        protocol: :class:`SingleCrop` (default) or :class:`MultiCrop`.
+        cfg: Preprocessing config; defaults to ``model.pretrained_cfg``.
+        batch_size: Crops per forward pass (images per pass for single-crop).
+        device: Where the model runs; defaults to CUDA when available.
+        num_workers: Data-loader worker processes for reading and resizing.
+        limit: Evaluate only the first ``limit`` images of the data set.
+        amp: Run the model under bfloat16 autocast.
+        progress: Show a progress bar (on rank 0 only).
+
+    Returns:
+        The counts and what was skipped.
+
+    """
+    protocol = protocol or SingleCrop()
+    cfg = dict(cfg) if cfg is not None else model_config(model)
+    description = describe_protocol(protocol, cfg)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    classes = list(getattr(dataset, "classes", None) or [])
+    if not classes:
+        raise ValueError("the data set has no 'classes' list; cannot name or count classes")
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    indices, rank, world = _shard(total)
+    interpolation = _interpolation(cfg)
+    multi = isinstance(protocol, MultiCrop)
+    if multi:
+        transform = MultiScaleResize(description["scales"], cfg["input_size"][0], interpolation)
+        images_per_load = max(1, math.ceil(batch_size / description["crops_per_image"]))
+    else:
+        transform = _single_crop_transform(cfg, description)
+        images_per_load = batch_size
+    description["transform"] = repr(transform)
+    loader = DataLoader(
+        _EvalView(dataset, indices, transform),
+        batch_size=images_per_load,
+        num_workers=num_workers,
+        collate_fn=_collate(stack=not multi),
+        pin_memory=device.type == "cuda",
+    )
+    model = model.eval().to(device)
+    forward = AdaptiveBatchForward(model, batch_size)
+    metrics = ClassificationMetrics(len(classes), DEFAULT_TOPK)
+    unreadable: list[_Unreadable] = []
+    bar = tqdm(
+        total=len(indices),
+        unit="img",
+        disable=not progress or rank != 0,
+        desc=f"{protocol.name} eval",
+        dynamic_ncols=True,
+    )
+    start = time.perf_counter()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        if multi:
+            _run_multi_crop(
+                loader, forward, metrics, unreadable, bar, protocol, description, device, batch_size
+            )
+        else:
+            for inputs, labels, bad in loader:
+                unreadable.extend(bad)
+                if len(labels):
+                    metrics.update(forward(inputs.to(device, non_blocking=True)), labels)
+                bar.update(len(labels) + len(bad))
+    bar.close()
+    seconds = time.perf_counter() - start
+    found = [(item.path, item.reason) for item in unreadable]
+    if world > 1:
+        metrics.all_reduce(_collective_device(device))
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (found, seconds))
+        found = [item for part, _ in gathered for item in part]
+        seconds = max(part_seconds for _, part_seconds in gathered)
+    return EvalResult(metrics, classes, description, found, seconds, world)
+
+
+def _run_multi_crop(
+    loader: DataLoader,
+    forward: AdaptiveBatchForward,
+    metrics: ClassificationMetrics,
+    unreadable: list[_Unreadable],
+    bar: tqdm,
+    protocol: MultiCrop,
+    description: dict[str, Any],
+    device: torch.device,
+    batch_size: int,
+) -> None:
+    size, interpolation = description["input_size"][-1], _interpolation(description)
+    mean, std = description["mean"], description["std"]
+    scales_per_image = len(description["scales"])
+
+    def groups() -> Iterator[tuple[tuple[int, int, list[int]], torch.Tensor]]:
+        # One group = the distinct crops among the 36 of one image at one scale, cut on the
+        # device; ``inverse`` maps their scores back to all 36.
+        for pyramids, labels, bad in loader:
+            unreadable.extend(bad)
+            bar.update(len(bad))
+            for pyramid, label in zip(pyramids, labels.tolist(), strict=True):
+                for level, scaled in enumerate(pyramid):
+                    image = TF.to_dtype(
+                        scaled.to(device, non_blocking=True), torch.float32, scale=True
+                    )
+                    keep, inverse = distinct_crops(multi_crop_boxes(*image.shape[-2:], size))
+                    crops = multi_crop(image, size, interpolation)[keep]
+                    yield (label, level, inverse), TF.normalize(crops, mean, std)
+
+    per_scale: list[torch.Tensor] = []
+    done_scores: list[torch.Tensor] = []
+    done_labels: list[int] = []
+    for (label, level, inverse), logits in _score_groups(groups(), forward, batch_size):
+        per_scale.append(crop_scores(logits[inverse], protocol.score))
+        if level + 1 < scales_per_image:
+            continue
+        done_scores.append(pool_multi_scale(torch.stack(per_scale), protocol.top_fraction))
+        done_labels.append(label)
+        per_scale = []
+        bar.update(1)
+        if len(done_labels) >= 256:
+            metrics.update(torch.stack(done_scores), torch.tensor(done_labels))
+            done_scores, done_labels = [], []
+    if done_labels:
+        metrics.update(torch.stack(done_scores), torch.tensor(done_labels))
