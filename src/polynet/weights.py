@@ -53,7 +53,7 @@ PREPROCESSING_KEYS = (
     "std",
     "num_classes",
 )
-_MAX_LISTED = 5  # mismatching keys named in one error message
+_MAX_LISTED = 3  # mismatching keys named in one error message
 
 
 @dataclass
@@ -68,6 +68,7 @@ class WeightsFile:
         model_name: The registered model the file names, if it names one.
         model_kwargs: Constructor overrides the file records (``num_classes``, ...).
         pretrained_cfg: Preprocessing recorded in the file, if any.
+        class_names: Class names recorded in the file (``class_names``), if any.
 
     """
 
@@ -77,6 +78,7 @@ class WeightsFile:
     model_name: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
 
 
 def read_weights(path: str | os.PathLike) -> WeightsFile:
@@ -101,6 +103,7 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
             "checkpoint",
             payload.get("model_name"),
             dict(payload.get("model_kwargs", {})),
+            class_names=payload.get("class_names"),
         )
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]  # the common {"state_dict": ...} wrapper
@@ -128,9 +131,11 @@ def _read_safetensors(path: Path) -> WeightsFile:
     try:
         kwargs = json.loads(metadata.get("model_kwargs", "{}"))
         cfg = json.loads(metadata.get("pretrained_cfg", "{}"))
+        names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} has malformed metadata: {err}") from err
-    return WeightsFile(path, state_dict, "safetensors", metadata.get("model_name"), kwargs, cfg)
+    name = metadata.get("model_name")
+    return WeightsFile(path, state_dict, "safetensors", name, kwargs, cfg, names)
 
 
 # --- the released port's key layout ---------------------------------------------------------
@@ -320,7 +325,7 @@ def _adapt(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None
                 weight.shape[1],
                 want.shape[1],
             )
-            state[first_conv] = adapt_input_conv(want.shape[1], weight)
+            state[first_conv] = adapt_input_conv(want.shape[1], weight, base_chans=weight.shape[1])
 
 
 def _architecture(model: nn.Module) -> str:
@@ -452,6 +457,7 @@ def save_weights(
     model_name: str,
     model_kwargs: Mapping[str, Any] | None = None,
     pretrained_cfg: Mapping[str, Any] | None = None,
+    class_names: list[str] | None = None,
 ) -> None:
     """Atomically write a ``.safetensors`` file with the model name and preprocessing.
 
@@ -461,6 +467,7 @@ def save_weights(
         model_name: The registered model they belong to.
         model_kwargs: Constructor overrides needed to rebuild the model.
         pretrained_cfg: Evaluation preprocessing (see :func:`preprocessing`).
+        class_names: Names of the classifier's outputs, for ``polynet predict``.
 
     """
     metadata = {
@@ -469,6 +476,8 @@ def save_weights(
         "model_kwargs": json.dumps(dict(model_kwargs or {})),
         "pretrained_cfg": json.dumps(dict(pretrained_cfg or {})),
     }
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(list(class_names))
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     data = safetensors.torch.save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
@@ -518,6 +527,6 @@ def convert(
         port_state = to_port_layout(state, model)
         atomic_write(dst, lambda f: torch.save(port_state, f))
     else:
-        save_weights(dst, state, name, kwargs, preprocessing(model))
+        save_weights(dst, state, name, kwargs, preprocessing(model), weights.class_names)
     num_params = sum(p.numel() for p in model.parameters())
     return dict(model_name=name, tensors=len(state), params=num_params, dst=str(dst))

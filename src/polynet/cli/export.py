@@ -1,0 +1,43 @@
+"""``polynet export MODEL --format onnx|torchscript --out FILE``."""
+
+from __future__ import annotations
+
+import argparse
+
+from polynet.export import FORMATS, example_input, export, onnx_max_error
+from polynet.weights import model_from_weights
+from polynet.zoo import check_model_name, create_model
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``export`` subcommand."""
+    p = subparsers.add_parser(
+        "export", help="export a model to ONNX (dynamic batch) or TorchScript"
+    )
+    p.add_argument("model", help="a registered model name (see 'polynet list')")
+    p.add_argument("--checkpoint", help="weights to load (random weights without it)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="output format")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--input-size", type=int, help="square input side (default: the model's)")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip comparing ONNX Runtime with PyTorch"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (and load) the model, export it and, for ONNX, check it with ONNX Runtime."""
+    check_model_name(args.model)
+    if args.checkpoint:
+        model, _ = model_from_weights(args.checkpoint, args.model)
+    else:
+        model = create_model(args.model).eval()
+    input_size = model.pretrained_cfg["input_size"]
+    if args.input_size:
+        input_size = (model.in_chans, args.input_size, args.input_size)
+    path = export(model, args.out, args.format, input_size)
+    print(f"wrote {path} ({args.format}, input {'x'.join(map(str, input_size))}, any batch)")
+    if args.format == "onnx" and not args.no_check:
+        error = onnx_max_error(model, path, example_input(model, input_size, batch_size=3))
+        print(f"onnxruntime vs PyTorch on a batch of 3: max |difference| {error:.2e}")
+    return 0

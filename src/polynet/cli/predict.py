@@ -1,0 +1,35 @@
+"""``polynet predict IMAGE... --checkpoint FILE``: top-5 classes of each image."""
+
+from __future__ import annotations
+
+import argparse
+
+from polynet.predict import predict
+from polynet.weights import model_from_weights
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``predict`` subcommand."""
+    p = subparsers.add_parser(
+        "predict", help="classify images with trained weights (top-5 with class names)"
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument(
+        "--checkpoint", required=True, help="weights (.safetensors, checkpoint or released .pth)"
+    )
+    p.add_argument(
+        "--model", help="model name (default: the one the file names, else polynet_very_deep)"
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print each image's top-k labels with probabilities."""
+    model, weights = model_from_weights(args.checkpoint, args.model)
+    results = predict(model, args.images, args.top_k, weights.class_names)
+    for image, top in zip(args.images, results, strict=True):
+        print(image)
+        for rank, p in enumerate(top, 1):
+            print(f"  {rank}. {p.probability:6.2%}  {p.label} ({p.index})")
+    return 0
