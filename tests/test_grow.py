@@ -7,7 +7,7 @@ from polynet.checkpoint import load_model, save_checkpoint
 from polynet.cli import main
 from polynet.grow import GrowthMap, grow, interleaved_slots
 
-SMALL = dict(stem="small", width_mult=0.125, in_chans=1, num_classes=10)
+SMALL = dict(stem="small", width_mult=0.0625, in_chans=1, num_classes=10)
 IR_1_2_1 = "A: ir | B: ir x2 | C: ir"
 
 
@@ -24,6 +24,15 @@ def trained_like(spec: str = IR_1_2_1, seed: int = 0, **kwargs) -> polynet.PolyN
                 module.running_var.uniform_(0.5, 2.0)
                 module.num_batches_tracked.fill_(7)
     return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: threads only add contention on the shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +222,7 @@ def test_source_must_be_a_polynet():
 
 
 def test_cli_grows_a_checkpoint(tmp_path, images, capsys):
-    source = trained_like("A: ir | B: ir x2 | C: ir")
+    source = trained_like(IR_1_2_1, width_mult=0.125)  # polynet_small_ir
     src_path, out_path = tmp_path / "ir.pt", tmp_path / "grown.pt"
     save_checkpoint(
         src_path,

@@ -378,17 +378,14 @@ def _check_unit_function(
         )
 
 
+def _unit_names(model: PolyNet) -> list[str]:
+    """State-dict prefixes of the units, bottom to top (``stage_b.2``)."""
+    stages = (("a", model.stage_a), ("b", model.stage_b), ("c", model.stage_c))
+    return [f"stage_{stage}.{i}" for stage, units in stages for i in range(len(units))]
+
+
 def _grow_units(source: PolyNet, target: PolyNet, growth: GrowthMap) -> None:
-    names = [
-        f"stage_{stage}.{i}"
-        for stage, module in (("a", target.stage_a), ("b", target.stage_b), ("c", target.stage_c))
-        for i in range(len(module))
-    ]
-    src_names = [
-        f"stage_{stage}.{i}"
-        for stage, module in (("a", source.stage_a), ("b", source.stage_b), ("c", source.stage_c))
-        for i in range(len(module))
-    ]
+    names, src_names = _unit_names(target), _unit_names(source)
     zero_init = growth.zero_init
     for dst, name, index in zip(target.units, names, growth.unit_sources, strict=True):
         if index is None:
