@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cache
 
+from polynet._tokens import TokenStream
+
 IDENTITY = "I"
 
 # Terms are words over block letters in *written* order ("GF" = G after F); the identity is ().
@@ -136,7 +138,7 @@ def _format_word(word: Word) -> str:
 _TOKEN = re.compile(r"\s*(?:(?P<letter>[A-Z])|(?P<int>\d+)|(?P<op>[+^()*·]))")
 
 
-class _Parser:
+class _Parser(TokenStream):
     """Recursive descent over ``expr := term ('+' term)*``, ``term := factor+``,
     ``factor := atom ('^' INT)?``, ``atom := LETTER | 'I' | '(' expr ')'``.
 
@@ -144,35 +146,13 @@ class _Parser:
     """
 
     def __init__(self, text: str) -> None:
-        self.text = text
-        self.tokens: list[tuple[str, str, int]] = []
-        pos = 0
-        while pos < len(text):
-            if text[pos:].strip() == "":
-                break
-            m = _TOKEN.match(text, pos)
-            if m is None:
-                col = pos + len(text[pos:]) - len(text[pos:].lstrip())
-                self.fail(
-                    col,
-                    f"unknown token {text[col]!r}; use capital letters for blocks, 'I' for the "
-                    "identity, '+', '^N', '*' and parentheses",
-                )
-            kind = m.lastgroup or ""
-            self.tokens.append((kind, m.group(kind), m.start(kind)))
-            pos = m.end()
-        self.i = 0
-
-    def fail(self, pos: int, problem: str) -> None:
-        raise ValueError(f"bad polynomial {self.text!r} at position {pos}: {problem}")
-
-    def peek(self) -> tuple[str, str, int]:
-        return self.tokens[self.i] if self.i < len(self.tokens) else ("end", "", len(self.text))
-
-    def take(self) -> tuple[str, str, int]:
-        tok = self.peek()
-        self.i += 1
-        return tok
+        super().__init__(
+            text,
+            _TOKEN,
+            "polynomial",
+            unknown="; use capital letters for blocks, 'I' for the identity, '+', '^N', '*' "
+            "and parentheses",
+        )
 
     def parse(self) -> Counter[Word]:
         if not self.tokens:

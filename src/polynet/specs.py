@@ -22,6 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from polynet._tokens import TokenStream
 from polynet.algebra import parse as parse_polynomial
 from polynet.modules import resolve_expression
 
@@ -108,34 +109,14 @@ def _compress(units: tuple[str, ...]) -> str:
     return ", ".join(units)  # pragma: no cover - period n always matches
 
 
-class _SpecParser:
+class _SpecParser(TokenStream):
     def __init__(self, text: str) -> None:
-        self.text = text
-        self.tokens: list[tuple[str, str, int]] = []
-        pos = 0
-        while text[pos:].strip():
-            m = _TOKEN.match(text, pos)
-            if m is None:
-                col = pos + len(text[pos:]) - len(text[pos:].lstrip())
-                self.fail(col, f"unexpected {text[col]!r}")
-            kind = m.lastgroup or ""
-            self.tokens.append((kind, m.group(kind), m.start(kind)))
-            pos = m.end()
-        self.i = 0
-
-    def fail(self, pos: int, problem: str) -> None:
-        raise ValueError(
-            f"bad network spec {self.text!r} at position {pos}: {problem} "
-            "(example: 'A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5')"
+        super().__init__(
+            text,
+            _TOKEN,
+            "network spec",
+            hint=" (example: 'A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5')",
         )
-
-    def peek(self) -> tuple[str, str, int]:
-        return self.tokens[self.i] if self.i < len(self.tokens) else ("end", "", len(self.text))
-
-    def take(self) -> tuple[str, str, int]:
-        tok = self.peek()
-        self.i += 1
-        return tok
 
     def parse(self) -> NetworkSpec:
         stages = []
