@@ -275,3 +275,17 @@ def test_cli_reports_incompatible_target_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stage B has 1 units but the source has 2" in err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_grown_model_keeps_the_source_preprocessing():
+    source = polynet.create_model("polynet_small_ir")
+    _, growth = grow(source, "polynet_small", sharing="released")
+    assert growth.model_name == "polynet_small"
+    # polynet_6_12_6_mixed is registered for 299 px RGB; the grown model takes 28 px grey.
+    grown, growth = grow(source, "polynet_6_12_6_mixed", zero_init=True)
+    assert growth.model_name == "polynet_small_ir"
+    assert grown.pretrained_cfg["input_size"] == (1, 28, 28)
+    rebuilt = polynet.create_model(growth.model_name, **growth.model_kwargs)
+    assert str(rebuilt.spec) == "A: ir x6 | B: (3-way, mpoly-3, poly-3) x4 | C: ir x6"
+    rebuilt.load_state_dict(grown.state_dict())  # strict: every tensor fits
+    assert [u.scale for u in rebuilt.units] == [u.scale for u in grown.units]

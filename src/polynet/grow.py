@@ -40,6 +40,7 @@ from polynet.blocks import InceptionBlock, SmallStem
 from polynet.modules import PolyInception
 from polynet.network import PolyNet
 from polynet.specs import NetworkSpec
+from polynet.zoo import MODELS, check_model_name, create_model
 
 Action = Literal["copied", "shared", "inserted", "initialised"]
 
@@ -82,7 +83,11 @@ class GrowthMap:
         reasons: Why the grown model does not compute the source's function (empty if it does).
         copied_params: Parameters copied from the source (shared orders counted once more).
         new_params: Parameters of the grown model that were not copied.
-        model_name: Registered model name to rebuild the grown model with.
+        model_name: Registered model name to rebuild the grown model with; it carries the
+            input preprocessing, so it is the source's name unless the target's name has the
+            same preprocessing (``polynet_small_ir`` grown into ``polynet_small`` keeps
+            ``polynet_small``; grown into ``polynet_6_12_6_mixed`` it stays
+            ``polynet_small_ir`` with the mixed spec in ``model_kwargs``).
         model_kwargs: Constructor arguments (JSON-able) that rebuild the grown model.
 
     """
@@ -240,25 +245,45 @@ def _target_kwargs(
     return kwargs
 
 
+# pretrained_cfg entries that decide a model's input preprocessing.
+_INPUT_CFG_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
+
+
+def _registered_name(source: PolyNet, target_name: str | None) -> str:
+    """Pick the registered name to build the grown model under.
+
+    The name carries the ``pretrained_cfg`` (input size, mean, std, crop) that training and
+    evaluation read, and the grown model takes the source's inputs. So it is the target's name
+    when that name's preprocessing matches the source's, else the source's own name (the spec
+    in the constructor arguments gives the grown layout), else the generic ``"polynet"``.
+    """
+    source_cfg = getattr(source, "pretrained_cfg", None) or {}
+    source_name = source_cfg.get("architecture")
+    if target_name is not None and all(
+        MODELS[target_name].cfg.get(key) == source_cfg.get(key) for key in _INPUT_CFG_KEYS
+    ):
+        return target_name
+    return source_name if source_name in MODELS else "polynet"
+
+
 def _build_target(
     source: PolyNet,
     target: str | NetworkSpec,
     overrides: Mapping[str, Any],
 ) -> tuple[PolyNet, str, dict[str, Any], list[int | None]]:
-    from polynet.zoo import MODELS, check_model_name, create_model
-
     registered: Mapping[str, Any] = {}
-    name = "polynet"
+    target_name = None
     if isinstance(target, NetworkSpec):
         spec = target
     elif ":" in target:
         spec = NetworkSpec.parse(target)
     else:
         check_model_name(target)
-        name, spec = target, NetworkSpec.parse(MODELS[target].spec)
+        target_name, spec = target, NetworkSpec.parse(MODELS[target].spec)
         registered = MODELS[target].kwargs
     unit_sources = _unit_slots(source, spec)
     kwargs = _target_kwargs(source, spec, registered, overrides, unit_sources)
+    name = _registered_name(source, target_name)
     model = create_model(name, **kwargs)
     return _check_polynet(model, "target"), name, kwargs, unit_sources
 
@@ -474,7 +499,8 @@ def grow(
             )
         target = _check_polynet(target_spec_or_model, "target")
         unit_sources = _unit_slots(source, target.spec)
-        name, kwargs = "polynet", infer_model_kwargs(target)
+        name = (getattr(target, "pretrained_cfg", None) or {}).get("architecture")
+        name, kwargs = name if name in MODELS else "polynet", infer_model_kwargs(target)
     else:
         target, name, kwargs, unit_sources = _build_target(
             source, target_spec_or_model, model_kwargs
