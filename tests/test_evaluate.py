@@ -411,11 +411,12 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def _eval_rank(rank, port, runs):
+def _eval_rank(rank, runs):
     # What torchrun sets; the CLI joins the gloo group from these and leaves it afterwards.
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    for argv in runs:
+                      MASTER_ADDR="127.0.0.1")  # fmt: skip
+    for port, argv in runs:
+        os.environ["MASTER_PORT"] = str(port)
         assert main(argv) == 0
 
 
@@ -429,12 +430,11 @@ def test_distributed_evaluation_counts_every_image_once(colour_folder, tmp_path)
                                      model=model.state_dict()))  # fmt: skip
     common = ["eval", "--checkpoint", str(checkpoint), "--data", str(colour_folder),
               "--workers", "0", "--no-progress", "--device", "cpu"]  # fmt: skip
-    runs = [[*common, "--json", str(tmp_path / "full.json")],
-            [*common, "--limit", "7", "--json", str(tmp_path / "seven.json")]]  # fmt: skip
+    full_run = [*common, "--json", str(tmp_path / "full.json")]
+    seven_run = [*common, "--limit", "7", "--json", str(tmp_path / "seven.json")]
+    runs = [(_free_port(), full_run), (_free_port(), seven_run)]
     # Forked, so the ranks start without importing torch again.
-    torch.multiprocessing.start_processes(
-        _eval_rank, args=(_free_port(), runs), nprocs=2, start_method="fork"
-    )
+    torch.multiprocessing.start_processes(_eval_rank, args=(runs,), nprocs=2, start_method="fork")
     full, seven = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("full", "seven"))
     assert main([*common, "--json", str(tmp_path / "alone.json")]) == 0
     alone = json.loads((tmp_path / "alone.json").read_text())

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # Subcommand modules, in the order ``polynet --help`` lists them.
 SUBCOMMANDS = (
     "polynet.cli.info",
+    "polynet.cli.train",
     "polynet.cli.grow",
     "polynet.cli.convert",
     "polynet.cli.predict",

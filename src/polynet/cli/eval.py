@@ -130,36 +130,48 @@ def run_eval(args: argparse.Namespace) -> int:
     else:
         protocol = SingleCrop(args.crop_pct, args.crop_mode)
     started, device = _init_distributed(args.device)
+    finished = False
     try:
-        report, result = evaluate_weights(
-            args.checkpoint,
-            args.data,
-            args.split,
-            protocol,
-            model_name=args.model,
-            batch_size=args.batch_size,
-            device=device,
-            num_workers=args.workers,
-            limit=args.limit,
-            amp=args.amp,
-            progress=not args.no_progress,
-        )
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return 0
-        for path, reason in result.unreadable:
-            print(f"polynet: warning: skipped unreadable image {path}: {reason}", file=sys.stderr)
-        m = report["metrics"]
-        print(
-            f"{report['model']['name']} on {args.data} {report['data']['split']} "
-            f"({report['protocol']['name']}): top-1 {m['top1_accuracy']:.2f}% "
-            f"(error {m['top1_error']:.2f}%), top-5 {m['top5_accuracy']:.2f}% "
-            f"(error {m['top5_error']:.2f}%) on {m['images']} images, "
-            f"{len(result.unreadable)} unreadable; {report['runtime']['images_per_second']:.1f} "
-            "images/s"
-        )
-        for path in write_reports(report, args.out, args.json):
-            print(f"wrote {path}")
+        _evaluate_and_report(args, protocol, device)
+        finished = True
         return 0
     finally:
         if started:
+            # Rank 0 hosts the rendezvous store: leaving before the others finish their last
+            # collective would reset their connections.
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
+
+
+def _evaluate_and_report(
+    args: argparse.Namespace, protocol: MultiCrop | SingleCrop, device: str | None
+) -> None:
+    report, result = evaluate_weights(
+        args.checkpoint,
+        args.data,
+        args.split,
+        protocol,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        device=device,
+        num_workers=args.workers,
+        limit=args.limit,
+        amp=args.amp,
+        progress=not args.no_progress,
+    )
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    for path, reason in result.unreadable:
+        print(f"polynet: warning: skipped unreadable image {path}: {reason}", file=sys.stderr)
+    m = report["metrics"]
+    print(
+        f"{report['model']['name']} on {args.data} {report['data']['split']} "
+        f"({report['protocol']['name']}): top-1 {m['top1_accuracy']:.2f}% "
+        f"(error {m['top1_error']:.2f}%), top-5 {m['top5_accuracy']:.2f}% "
+        f"(error {m['top5_error']:.2f}%) on {m['images']} images, "
+        f"{len(result.unreadable)} unreadable; {report['runtime']['images_per_second']:.1f} "
+        "images/s"
+    )
+    for path in write_reports(report, args.out, args.json):
+        print(f"wrote {path}")

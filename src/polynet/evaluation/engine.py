@@ -354,7 +354,7 @@ def evaluate(
         dynamic_ncols=True,
     )
     start = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         if multi:
             _run_multi_crop(
                 loader, forward, metrics, unreadable, bar, protocol, description, device, batch_size
@@ -365,7 +365,6 @@ def evaluate(
                 if len(labels):
                     metrics.update(forward(inputs.to(device, non_blocking=True)), labels)
                 bar.update(len(labels) + len(bad))
-    bar.close()
     seconds = time.perf_counter() - start
     found = [(item.path, item.reason) for item in unreadable]
     if world > 1:
