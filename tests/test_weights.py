@@ -10,10 +10,12 @@ from PIL import Image
 from pretrainedmodels.models.polynet import PolyNet as PortPolyNet
 from timm.data import ImageNetInfo
 from timm.models._manipulate import adapt_input_conv
+from torchvision.transforms import CenterCrop, Resize
 
 import polynet
 from polynet.checkpoint import CheckpointError, save_checkpoint
 from polynet.cli import main
+from polynet.data import eval_transform
 from polynet.predict import predict
 from polynet.weights import (
     WeightsFile,
@@ -22,6 +24,7 @@ from polynet.weights import (
     load_pretrained,
     model_from_weights,
     port_key_map,
+    preprocessing,
     read_weights,
 )
 
@@ -31,6 +34,15 @@ SMALL_CLASSES = [f"item {i}" for i in range(10)]
 def _meta(name="polynet_very_deep", **kwargs):
     with torch.device("meta"):
         return polynet.create_model(name, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on shared busy cores, several threads spin and run ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -127,12 +139,18 @@ def port_file(tmp_path_factory):
     return path, port.eval()
 
 
+@pytest.fixture(scope="module")
+def converted_port_file(port_file, tmp_path_factory):
+    """``polynet convert`` of the random port file, and its summary."""
+    dst = tmp_path_factory.mktemp("converted") / "polynet_very_deep.safetensors"
+    return dst, convert(port_file[0], dst)
+
+
 @pytest.mark.slow
-def test_released_port_logits_match_after_conversion(port_file, tmp_path):
-    torch.set_num_threads(2)
+@pytest.mark.xdist_group("released_port")  # share the 380 MB port file
+def test_released_port_logits_match_after_conversion(port_file, converted_port_file):
     src, port = port_file
-    dst = tmp_path / "polynet_very_deep.safetensors"
-    summary = convert(src, dst)
+    dst, summary = converted_port_file
     assert summary["params"] == 95_366_600 and summary["tensors"] == 3104
 
     with safetensors.safe_open(str(dst), framework="pt") as f:
@@ -157,10 +175,10 @@ def test_released_port_logits_match_after_conversion(port_file, tmp_path):
 
 
 @pytest.mark.slow
-def test_reverse_export_loads_strictly_into_the_port(port_file, tmp_path):
-    src, port = port_file
-    ours_file = tmp_path / "ours.safetensors"
-    convert(src, ours_file)
+@pytest.mark.xdist_group("released_port")  # share the 380 MB port file
+def test_reverse_export_loads_strictly_into_the_port(port_file, converted_port_file, tmp_path):
+    _, port = port_file
+    ours_file, _ = converted_port_file
     back = tmp_path / "back.pth"
     assert main(["convert", "--to-port", str(ours_file), str(back)]) == 0
     original = {k: v.clone() for k, v in port.state_dict().items()}
@@ -346,3 +364,13 @@ def test_predict_uses_imagenet_names_and_sorted_probabilities(tmp_path):
         assert all(p.label in names for p in preds)
         probs = [p.probability for p in preds]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_released_preprocessing_is_squash_378_then_centre_crop_331(tmp_path):
+    cfg = preprocessing(_meta())  # what convert stores in the safetensors metadata
+    transform = eval_transform(cfg)
+    resize = next(t for t in transform.transforms if isinstance(t, Resize))
+    crop = next(t for t in transform.transforms if isinstance(t, CenterCrop))
+    assert tuple(resize.size) == (378, 378) and tuple(crop.size) == (331, 331)
+    image = Image.fromarray(np.zeros((300, 500, 3), dtype=np.uint8))
+    assert transform(image).shape == (3, 331, 331)
