@@ -21,6 +21,7 @@ SUBCOMMANDS = (
     "polynet.cli.predict",
     "polynet.cli.export",
     "polynet.cli.eval",
+    "polynet.cli.ablate",
 )
 
 

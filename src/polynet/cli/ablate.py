@@ -1,0 +1,116 @@
+"""``polynet ablate``: the paper's ablation studies (Sec. 3.2, 3.3, 5) with cached results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from polynet.ablation import STUDIES, StudyOptions, build_study, run_study
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``ablate`` subcommand."""
+    p = subparsers.add_parser(
+        "ablate",
+        help="run an ablation study of the paper (stages, mixing, depth, scaling)",
+        description=(
+            "Train and evaluate every config of a study with one recipe, time one training "
+            "iteration of each (configs interleaved), and write results.csv/json, the paper's "
+            "figure and report.md into --out. Results are cached per config and seed: a killed "
+            "study resumes, a finished config is not rerun unless --rerun. Fashion-MNIST runs "
+            "the small 28 px variant; an ImageNet-layout folder runs the full-width models "
+            "(also on GPUs and under torchrun)."
+        ),
+    )
+    p.add_argument("study", choices=STUDIES, help="which study")
+    p.add_argument("--out", required=True, help="study folder (results, cache, report)")
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="'fashion-mnist' (default) or an ImageNet-layout folder with train/ and val/",
+    )
+    p.add_argument(
+        "--scale",
+        choices=("small", "full"),
+        help="small: 28 px variant at --width-mult; full: registered full-width models "
+        "(default: small for Fashion-MNIST, full for folders)",
+    )
+    p.add_argument(
+        "--width-mult",
+        type=float,
+        default=StudyOptions.width_mult,
+        help="width of the small variant (default: %(default)s)",
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per config (default: 1)")
+    p.add_argument("--rerun", action="store_true", help="train and time every config again")
+    p.add_argument("--configs", nargs="+", metavar="NAME", help="run only these configs")
+    p.add_argument("--list", action="store_true", help="list the study's configs and exit")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="training steps per config")
+    length.add_argument("--epochs", type=float, help="training epochs per config")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
+    p.add_argument("--train-subset", type=int, help="train on this many images")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N validation images")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision on CUDA")
+    p.add_argument("--threads", type=int, help="CPU threads (small recipe: 2)")
+    p.add_argument("--workers", type=int, help="data-loader workers for image folders")
+    p.add_argument(
+        "--timing-rounds",
+        type=int,
+        default=StudyOptions.timing_rounds,
+        help="interleaved timing rounds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timing-iters",
+        type=int,
+        default=StudyOptions.timing_iters,
+        help="iterations per config and timing round (default: %(default)s)",
+    )
+    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or resume) the study and print where the report is."""
+    for name in ("seeds", "timing_rounds", "timing_iters"):
+        if getattr(args, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be at least 1, got {getattr(args, name)}")
+    if args.width_mult <= 0:
+        raise ValueError(f"--width-mult must be positive, got {args.width_mult}")
+    overrides = {
+        key: getattr(args, key)
+        for key in ("steps", "epochs", "batch_size", "lr", "train_subset", "device", "amp",
+                    "threads", "workers")
+        if getattr(args, key) is not None
+    }  # fmt: skip
+    options = StudyOptions(
+        data=args.data,
+        scale=args.scale,
+        width_mult=args.width_mult,
+        seeds=args.seeds,
+        rerun=args.rerun,
+        configs=args.configs,
+        train_overrides=overrides,
+        eval_limit=args.eval_limit,
+        timing_rounds=args.timing_rounds,
+        timing_iters=args.timing_iters,
+        progress=args.progress,
+    )
+    if args.list:
+        study = build_study(args.study, options.resolved_scale(), args.width_mult)
+        for c in study.configs:
+            kwargs = ", ".join(
+                f"{k}={v}" for k, v in c.model_kwargs.items() if k != "pretrained_cfg"
+            )
+            print(f"{c.name:<22} {c.label:<22} {c.model} {kwargs}")
+        return 0
+    result = run_study(args.study, args.out, options)
+    print(
+        f"{args.study}: {len(result.trained)} trained, {len(result.cached)} cached; report "
+        f"{result.out / 'report.md'}",
+        file=sys.stdout,
+    )
+    return 0
