@@ -8,7 +8,7 @@ reference table live in one place and a width multiplier scales them all. An Inc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -80,6 +80,18 @@ def _resolve(spec: ConvSpec, width_mult: float, pad_strided: bool) -> ConvSpec:
     return replace(spec, out_chs=scaled(spec.out_chs, width_mult), padding=padding)
 
 
+def _inplace_act(act_layer: Callable[..., nn.Module]) -> nn.Module:
+    """Build the activation in place where it supports it.
+
+    Here it always follows a norm, whose backward needs the norm's input, not its output, so
+    overwriting that output saves one activation-sized buffer per convolution in training.
+    """
+    try:
+        return act_layer(inplace=True)
+    except TypeError:
+        return act_layer()
+
+
 class ConvNormAct(nn.Sequential):
     """Bias-free conv, norm and (optionally) activation, the unit every branch is made of."""
 
@@ -97,7 +109,7 @@ class ConvNormAct(nn.Sequential):
             in_chs, spec.out_chs, spec.kernel, spec.stride, spec.padding, bias=False
         )
         self.bn = norm_layer(spec.out_chs)
-        self.act = act_layer() if apply_act else nn.Identity()
+        self.act = _inplace_act(act_layer) if apply_act else nn.Identity()
 
 
 class Mixed(nn.Module):
@@ -184,7 +196,7 @@ class InceptionBlock(nn.Module):
             nn.ModuleList(nn.ModuleList(norm_layer(s.out_chs) for s in b) for b in specs)
             for _ in range(num_orders)
         )
-        self.act = act_layer()
+        self.act = _inplace_act(act_layer)
         self.proj = nn.ModuleList(
             ConvNormAct(cat_chs, ConvSpec(chs), norm_layer, act_layer, apply_act=False)
             for _ in range(num_orders)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMANDS = (
     "polynet.cli.info",
     "polynet.cli.train",
+    "polynet.cli.bench",
     "polynet.cli.grow",
     "polynet.cli.convert",
     "polynet.cli.predict",

@@ -1,0 +1,70 @@
+"""``polynet bench``: throughput, memory and MACs against the released port and timm."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from polynet.bench import CANDIDATES, BenchConfig, run_benchmark, to_markdown
+from polynet.checkpoint import atomic_write
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``bench`` subcommand."""
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark polynet_very_deep against the released port and timm's IR-v2",
+        description="Measure inference and training images/s, peak memory, MACs and achieved "
+        "GFLOP/s of every candidate, interleaved in one process with the same threads and "
+        "inputs. Compare the ratios; absolute times depend on the machine's load.",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a result")
+    p.add_argument("--image-size", type=int, help="square input side (default 331)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 4)")
+    p.add_argument("--threads", type=int, help="torch threads (default 2)")
+    p.add_argument("--reps", type=int, help="timed interleaved rounds (default 3)")
+    p.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
+    p.add_argument(
+        "--candidates",
+        help=f"comma-separated subset of {','.join(CANDIDATES)} (default: all)",
+    )
+    p.add_argument("--no-train", action="store_true", help="skip the training steps")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast for polynet on CUDA")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile'd polynet")
+    p.add_argument("--json", type=Path, metavar="OUT", help="write the report as JSON")
+    p.add_argument("--markdown", type=Path, metavar="OUT", help="write the markdown table")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Build the benchmark settings from the command line."""
+    overrides = {
+        key: value
+        for key in ("image_size", "batch_size", "threads", "reps", "warmup", "device")
+        if (value := getattr(args, key)) is not None
+    }
+    if args.candidates:
+        overrides["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
+    overrides.update(
+        train=not args.no_train, memory=not args.no_memory, amp=args.amp, compile=args.compile
+    )
+    return BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print (and optionally write) the table."""
+    cfg = config_from_args(args)
+    cfg.check()
+    report = run_benchmark(cfg, log=lambda line: print(f"bench: {line}", file=sys.stderr))
+    table = to_markdown(report)
+    print(table, end="")
+    if args.json:
+        data = json.dumps(report, indent=2).encode()
+        atomic_write(args.json, lambda f: f.write(data))
+    if args.markdown:
+        atomic_write(args.markdown, lambda f: f.write(table.encode()))
+    return 0

@@ -1,0 +1,293 @@
+"""Inference-time rewrites of a trained PolyNet that leave its outputs unchanged.
+
+:func:`optimize_for_inference` returns an equivalent eval-only copy of a model in which
+
+* every convolution absorbs the BatchNorm after it (``conv + BN`` -> ``conv`` with a bias);
+* the parallel 1x1 convolutions that read the same tensor run as one wider convolution
+  (horizontal fusion): within an Inception block, within a ``Mixed`` stem part or reduction,
+  and across all the blocks of a PolyInception unit that read the unit's input ``x`` (the
+  ``F`` and ``G`` of a 2-way, the first order of a poly-3);
+* the up-projections whose outputs only feed the residual sum run as one convolution over the
+  joined branch outputs, with the residual scale folded into its weights:
+  ``s * (W_F c_F + b_F) + s * (W_G c_G + b_G) = [s W_F, s W_G] [c_F; c_G] + s (b_F + b_G)``;
+* activations run in place where their input is a temporary, and the weights are stored
+  channels-last (oneDNN's preferred layout on CPU, tensor-core friendly on CUDA).
+
+BatchNorm in eval mode is a per-channel affine map, so folding it into the convolution before it
+and joining convolutions along their output channels are exact up to float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from polynet.blocks import ConvNormAct, InceptionBlock, Mixed
+from polynet.modules import PolyInception
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """Return a new convolution (with bias) computing ``bn(conv(x))`` for an eval-mode BN.
+
+    Raises:
+        ValueError: If ``bn`` is not a BatchNorm2d with running statistics.
+
+    """
+    if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
+        raise ValueError(
+            f"cannot fold {type(bn).__name__} into a convolution: only BatchNorm2d with running "
+            "statistics folds; build the model with the default norm_layer or skip "
+            "optimize_for_inference"
+        )
+    folded = copy.deepcopy(conv)
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    folded.weight, folded.bias = weight, bias
+    return folded
+
+
+def join_convs(convs: Sequence[nn.Conv2d], scales: Sequence[float] | None = None) -> nn.Conv2d:
+    """Join parallel convolutions into one whose output channels are theirs, in order.
+
+    With ``scales``, the convolutions are instead summed: their inputs are joined (the result
+    takes the channel concatenation of their inputs) and their outputs added, each multiplied
+    by its scale. Both are exact rewrites of parallel linear maps.
+    """
+    first = convs[0]
+    geometry = [(c.kernel_size, c.stride, c.padding, c.dilation, c.groups) for c in convs]
+    if any(g != geometry[0] for g in geometry) or first.groups != 1:
+        raise ValueError(f"cannot join convolutions of different shapes: {geometry}")
+    biases = [c.bias if c.bias is not None else c.weight.new_zeros(c.out_channels) for c in convs]
+    if scales is None:
+        weight = torch.cat([c.weight for c in convs], dim=0)
+        bias = torch.cat(biases)
+    else:
+        weight = torch.cat([s * c.weight for c, s in zip(convs, scales, strict=True)], dim=1)
+        bias = sum(s * b for b, s in zip(biases, scales, strict=True))
+    joined = nn.Conv2d(
+        weight.shape[1],
+        weight.shape[0],
+        first.kernel_size,
+        first.stride,
+        first.padding,
+        first.dilation,
+        bias=True,
+    ).to(weight.device, weight.dtype)
+    joined.weight, joined.bias = nn.Parameter(weight.detach()), nn.Parameter(bias.detach())
+    return joined
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+
+
+def _inplace_act(act: nn.Module) -> nn.Module:
+    """Return the same activation, in place when it supports it (for temporaries)."""
+    if hasattr(act, "inplace"):
+        act = copy.deepcopy(act)
+        act.inplace = True
+    return act
+
+
+def _folded_layer(layer: ConvNormAct) -> nn.Sequential:
+    return nn.Sequential(fold_conv_bn(layer.conv, layer.bn), _inplace_act(layer.act))
+
+
+class FoldedBranches(nn.Module):
+    """Parallel branches whose leading 1x1 convolutions run as one joined convolution.
+
+    ``entry`` computes all leading convolutions at once; ``tails`` holds the rest of each
+    branch. Branches are concatenated in their original order.
+    """
+
+    def __init__(
+        self, entry: nn.Conv2d, splits: Sequence[int], tails: Sequence[nn.Module], act: nn.Module
+    ) -> None:
+        super().__init__()
+        self.entry = entry
+        self.splits = list(splits)
+        self.tails = nn.ModuleList(tails)
+        self.act = _inplace_act(act)
+
+    def run_tails(self, entry_out: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Branch outputs from this module's slices of an entry convolution's output."""
+        return [tail(h) for tail, h in zip(self.tails, entry_out, strict=True)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.cat(self.run_tails(self.act(self.entry(x)).split(self.splits, 1)), dim=1)
+
+
+class FoldedInceptionBlock(nn.Module):
+    """One order of an :class:`~polynet.blocks.InceptionBlock` with its norms folded in.
+
+    Attributes:
+        branches: The branch convolutions, leading 1x1s joined.
+        proj: The up-projection (conv with bias, no activation).
+
+    """
+
+    def __init__(self, block: InceptionBlock, order: int) -> None:
+        super().__init__()
+        folded = [
+            [fold_conv_bn(conv, bn) for conv, bn in zip(convs, bns, strict=True)]
+            for convs, bns in zip(block.convs, block.norms[order], strict=True)
+        ]
+        if not all(_is_pointwise(branch[0]) for branch in folded):
+            raise ValueError("every Inception branch must start with a 1x1 convolution")
+        tails = [
+            nn.Sequential(*[m for conv in branch[1:] for m in (conv, _inplace_act(block.act))])
+            for branch in folded
+        ]
+        self.branches = FoldedBranches(
+            join_convs([b[0] for b in folded]),
+            [b[0].out_channels for b in folded],
+            tails,
+            block.act,
+        )
+        self.proj = fold_conv_bn(block.proj[order].conv, block.proj[order].bn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.proj(self.branches(x))
+
+
+class FoldedPolyInception(nn.Module):
+    """An eval-only PolyInception unit with the cascaded plan and every fusion applied.
+
+    The unit computes the same ``act(x + s * sum of paths)`` as
+    :meth:`polynet.modules.PolyInception.forward`; blocks reading ``x`` share one joined entry
+    convolution, and the path ends that feed nothing but the sum share one up-projection.
+    """
+
+    def __init__(self, unit: PolyInception) -> None:
+        super().__init__()
+        self.plan = unit.plan
+        self.sharing = unit.sharing
+        self.scale = unit.scale
+        self.act = unit.act
+        self.out_act = _inplace_act(unit.act)
+        self.steps = nn.ModuleList(
+            FoldedInceptionBlock(
+                unit.blocks[s.letter], s.order if unit.sharing == "released" else 0
+            )
+            for s in self.plan
+        )
+        parents = {s.parent for s in self.plan}
+        self.leaves = [s.node for s in self.plan if s.node not in parents]  # all are path ends
+        roots = [self.steps[s.node].branches for s in self.plan if s.parent < 0]
+        self.root_entry = join_convs([r.entry for r in roots])
+        self.root_splits = [sum(r.splits) for r in roots]
+        self.leaf_proj = join_convs(
+            [self.steps[i].proj for i in self.leaves], [self.scale] * len(self.leaves)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        root_out = self.steps[0].branches.act(self.root_entry(x)).split(self.root_splits, 1)
+        outputs: dict[int, torch.Tensor] = {}
+        leaf_inputs: list[torch.Tensor] = []
+        inner_sum: torch.Tensor | None = None  # unscaled path ends that also feed a block
+        for step, block in zip(self.plan, self.steps, strict=True):
+            branches = block.branches
+            if step.parent < 0:
+                entry = root_out[step.node]
+            else:
+                h = outputs[step.parent]
+                h = self.act(h) if self.sharing == "released" else h  # not in place: h is summed
+                entry = branches.act(branches.entry(h))
+            cat = branches.run_tails(entry.split(branches.splits, 1))
+            if step.node in self.leaves:
+                leaf_inputs.extend(cat)
+                continue
+            y = block.proj(torch.cat(cat, dim=1))
+            outputs[step.node] = y
+            if step.is_path_end:
+                inner_sum = y if inner_sum is None else inner_sum + y
+        out = self.leaf_proj(torch.cat(leaf_inputs, dim=1))  # already scaled
+        if inner_sum is not None:
+            out = out.add_(inner_sum, alpha=self.scale)
+        return self.out_act(out.add_(x))
+
+
+def _fold_mixed(mixed: Mixed) -> nn.Module:
+    """Fold a Mixed part's norms and join its leading 1x1 convolutions."""
+    branches = []
+    for branch in mixed.branches:
+        if isinstance(branch, nn.Sequential):
+            branch = nn.Sequential(*[_folded_layer(layer) for layer in branch])
+        branches.append(branch)
+    return FoldedMixed(branches)
+
+
+class FoldedMixed(nn.Module):
+    """Parallel branches concatenated, the leading 1x1 convolutions of conv branches joined."""
+
+    def __init__(self, branches: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        joinable = [
+            i
+            for i, b in enumerate(branches)
+            if isinstance(b, nn.Sequential) and _is_pointwise(b[0][0]) and len(b) > 1
+        ]
+        self.joined = joinable if len(joinable) > 1 else []
+        if self.joined:
+            heads = [branches[i][0] for i in self.joined]
+            self.entry = join_convs([h[0] for h in heads])
+            self.entry_act = _inplace_act(heads[0][1])
+            self.splits = [h[0].out_channels for h in heads]
+            self.tails = nn.ModuleList(branches[i][1:] for i in self.joined)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        joined: dict[int, torch.Tensor] = {}
+        if self.joined:
+            parts = self.entry_act(self.entry(x)).split(self.splits, 1)
+            joined = {i: tail(p) for i, tail, p in zip(self.joined, self.tails, parts, strict=True)}
+        return torch.cat(
+            [joined[i] if i in joined else b(x) for i, b in enumerate(self.branches)], dim=1
+        )
+
+
+def _rewrite(module: nn.Module) -> nn.Module:
+    if isinstance(module, PolyInception) and all(
+        isinstance(b, InceptionBlock) for b in module.blocks.values()
+    ):
+        return FoldedPolyInception(module)
+    if isinstance(module, InceptionBlock) and module.num_orders == 1:
+        return FoldedInceptionBlock(module, 0)
+    if isinstance(module, Mixed):
+        return _fold_mixed(module)
+    if isinstance(module, ConvNormAct):
+        return _folded_layer(module)
+    for name, child in module.named_children():
+        setattr(module, name, _rewrite(child))
+    return module
+
+
+@torch.no_grad()
+def optimize_for_inference(model: nn.Module, channels_last: bool = True) -> nn.Module:
+    """Return an equivalent eval-only copy of ``model``, norms folded, parallel convs joined.
+
+    The original model is left untouched. The copy computes the same outputs as
+    ``model.eval()`` (within float rounding) and keeps its public interface
+    (``forward_features``, ``forward_head``, ...), but it cannot be trained: BatchNorm is gone
+    and shared convolutions of the released poly-3 are duplicated per order. Units whose blocks
+    are not :class:`~polynet.blocks.InceptionBlock` are kept as they are.
+
+    Args:
+        model: A PolyNet or any module containing PolyInception units, Inception blocks,
+            ``Mixed`` parts or ``ConvNormAct`` layers.
+        channels_last: Store weights channels-last, so convolutions run in that layout.
+
+    Returns:
+        The rewritten copy, in eval mode with gradients disabled.
+
+    """
+    fused = _rewrite(copy.deepcopy(model).eval())
+    fused.requires_grad_(False)
+    if channels_last:
+        fused = fused.to(memory_format=torch.channels_last)
+    return fused.eval()

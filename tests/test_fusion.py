@@ -1,0 +1,127 @@
+"""Inference fusion (polynet.fuse) and the training-path optimisations keep results equal."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import polynet
+from polynet.fuse import FoldedPolyInception, fold_conv_bn, join_convs, optimize_for_inference
+
+TOL = 1e-4
+SMALL = dict(stem="small", width_mult=1 / 16, in_chans=1, num_classes=10, drop_rate=0.0)
+MIXED = "A: 3-way | B: (mpoly-3, poly-3) | C: 2-way"
+
+
+def _randomise_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that folding has something to fold."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return model
+
+
+CASES = [
+    ("polynet_small", {}, 28),  # 2-way, mpoly-2, poly-2 with the small stem
+    ("polynet_very_deep", dict(width_mult=1 / 16), 75),  # released poly-3 sharing, 2-way
+    ("polynet", dict(spec=MIXED, **SMALL), 28),  # 3-way, mpoly-3, poly-3 with full sharing
+]
+
+
+@pytest.mark.parametrize("name,kwargs,size", CASES)
+def test_fused_model_equals_eval_model(name, kwargs, size):
+    torch.manual_seed(0)
+    model = _randomise_norms(polynet.create_model(name, **kwargs)).eval()
+    x = torch.randn(2, model.in_chans, size, size)
+    fused = optimize_for_inference(model)
+    with torch.no_grad():
+        expected = model(x)
+        naive_free = fused(x)
+    assert torch.allclose(naive_free, expected, atol=TOL, rtol=0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    # The original is untouched: still trainable, still with its norms.
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_two_way_unit_joins_entry_convs_and_up_projections():
+    model = polynet.create_model("polynet_very_deep", width_mult=1 / 16).eval()
+    two_way = model.stage_a[0]
+    fused = FoldedPolyInception(two_way)
+    firsts = [convs[0] for block in two_way.blocks.values() for convs in block.convs]
+    assert len(firsts) == 6  # F and G have three 1x1 branch entries each
+    assert fused.root_entry.out_channels == sum(c.out_channels for c in firsts)
+    assert fused.leaf_proj.out_channels == two_way.blocks["F"].proj[0].conv.out_channels
+    x = torch.randn(2, fused.root_entry.in_channels, 9, 9)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), two_way(x), atol=TOL, rtol=0)
+
+
+def test_fold_and_join_are_exact():
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(4, c, 1, bias=False) for c in (3, 5)]
+    bns = [_randomise_norms(nn.BatchNorm2d(c)).eval() for c in (3, 5)]
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        folded = [fold_conv_bn(c, b) for c, b in zip(convs, bns, strict=True)]
+        expected = torch.cat([b(c(x)) for c, b in zip(convs, bns, strict=True)], dim=1)
+        assert torch.allclose(join_convs(folded)(x), expected, atol=1e-5)
+        summed = join_convs(folded[:1] * 2, scales=[0.5, 0.25])
+        assert torch.allclose(summed(torch.cat([x, x], 1)), 0.75 * folded[0](x), atol=1e-5)
+
+
+def test_fold_rejects_norms_without_running_statistics():
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        fold_conv_bn(nn.Conv2d(2, 4, 1), nn.GroupNorm(2, 4))
+
+
+def _outputs_and_grads(model: nn.Module, x: torch.Tensor):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_same(a, b):
+    assert torch.allclose(a[0], b[0], atol=TOL, rtol=0)
+    for name, grad in a[1].items():
+        assert torch.allclose(grad, b[1][name], atol=TOL, rtol=0), name
+
+
+@pytest.mark.parametrize("sharing", ["full", "released"])
+def test_inplace_activations_keep_outputs_and_grads(sharing):
+    torch.manual_seed(0)
+    model = polynet.create_model("polynet", spec=MIXED, sharing=sharing, **SMALL).train()
+    reference = copy.deepcopy(model)
+    inplace = [m for m in model.modules() if isinstance(m, nn.ReLU) and m.inplace]
+    assert inplace  # the optimisation is in effect
+    for m in reference.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    x = torch.randn(2, 1, 28, 28)
+    _assert_same(_outputs_and_grads(model, x), _outputs_and_grads(reference, x))
+
+
+def test_grad_checkpointing_keeps_outputs_and_grads():
+    torch.manual_seed(0)
+    model = polynet.create_model("polynet_small").train()
+    checkpointed = copy.deepcopy(model)
+    checkpointed.set_grad_checkpointing(True)
+    x = torch.randn(2, 1, 28, 28)
+    _assert_same(_outputs_and_grads(checkpointed, x), _outputs_and_grads(model, x))
+
+
+def test_cascaded_equals_naive_after_inplace_change():
+    torch.manual_seed(0)
+    model = _randomise_norms(polynet.create_model("polynet_small")).eval()
+    x = torch.randn(2, 1, 14, 14)
+    with torch.no_grad():
+        for unit in model.units:
+            h = torch.randn(2, unit.blocks["F"].proj[0].conv.out_channels, 7, 7)
+            assert torch.allclose(unit(h), unit.forward_naive(h), atol=TOL, rtol=0)
+        model(x)
