@@ -12,6 +12,7 @@ it loads with ``torch.load(weights_only=True)``. Its keys:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -55,9 +56,40 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         os.close(dir_fd)
 
 
+def payload_checksum(payload: dict[str, Any]) -> str:
+    """SHA-256 over every value of a checkpoint dict except ``checksum`` (tensors by content).
+
+    ``torch.load`` notices a truncated file but not flipped bytes inside tensor data; the
+    checksum stored by :func:`save_checkpoint` and verified by :func:`load_checkpoint` does.
+    """
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(value, dict):
+            keys = sorted((k for k in value if k != "checksum"), key=repr)
+            digest.update(f"D{len(keys)}".encode())
+            for key in keys:
+                digest.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(repr(value).encode())
+
+    feed(payload)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Atomically save a checkpoint dict (``format`` and ``version`` are added)."""
+    """Atomically save a checkpoint dict (``format``, ``version`` and ``checksum`` are added)."""
     payload = {"format": FORMAT, "version": VERSION, **payload}
+    payload["checksum"] = payload_checksum(payload)
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
@@ -97,6 +129,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
         raise CheckpointError(
             f"{path} is not a polynet checkpoint; for released weights use "
             "'polynet convert' or create_model(..., checkpoint_path=...)"
+        )
+    if "checksum" in payload and payload["checksum"] != payload_checksum(payload):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt (its checksum does not match its contents); use an "
+            "earlier checkpoint or retrain"
         )
     return payload
 

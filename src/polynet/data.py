@@ -14,6 +14,7 @@ resize and centre crop of a model's ``pretrained_cfg``.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import os
@@ -168,6 +169,12 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+@functools.lru_cache(maxsize=4)
+def _read_fashion_mnist(image_file: Path, label_file: Path, stamp: tuple) -> tuple[np.ndarray, ...]:
+    """Decode a split once per process (``stamp`` holds the files' mtimes and sizes)."""
+    return _read_idx(image_file, 3), _read_idx(label_file, 1)
+
+
 def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
     """The Fashion-MNIST folder: ``root``, else ``$POLYNET_FASHION_MNIST_DIR``, else Debian's."""
     return Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
@@ -205,10 +212,11 @@ class FashionMNIST(Dataset):
         for file in (image_file, label_file):
             if not file.is_file():
                 raise FileNotFoundError(f"Fashion-MNIST file {file} is missing; {INSTALL_HINT}")
-        images, labels = _read_idx(image_file, 3), _read_idx(label_file, 1)
+        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in (image_file, label_file))
+        images, labels = _read_fashion_mnist(image_file, label_file, stamp)
         if len(images) != len(labels) or labels.size and labels.max() >= 10:
             raise ValueError(f"Fashion-MNIST files in {folder} do not match; reinstall them")
-        self.images = torch.from_numpy(images.copy())
+        self.images = torch.from_numpy(images.copy())  # writable, owned by this data set
         self.targets = torch.from_numpy(labels.astype(np.int64))
         self.classes = list(FASHION_MNIST_CLASSES)
         self.split = split

@@ -1,0 +1,370 @@
+"""Training configuration: one flat dataclass, named presets, YAML files and validation.
+
+A configuration is built in layers, later layers winning: the dataclass defaults, a preset
+(``paper-imagenet`` or ``fashion-mnist``), a YAML file, then explicit overrides (command-line
+flags). Unknown keys, wrong types and out-of-range values are errors naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Settings that may change when a run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = frozenset(
+    {"resume", "overwrite", "workers", "progress", "log_every", "checkpoint_every", "init_from"}
+)
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run.
+
+    The run length is ``steps`` (optimizer iterations) when set, else ``epochs``; ``lr_decay_every``
+    and ``warmup`` are in the same unit. The learning rate is ``lr_base * batch_size /
+    lr_base_batch`` unless ``lr`` is given.
+
+    Attributes:
+        model: Registered model name.
+        model_kwargs: Extra constructor arguments (``spec``, ``width_mult``, ``drop_rate``, ...).
+        data: ``"fashion-mnist"`` or an ImageNet-layout folder.
+        out: Output folder (checkpoints, metrics, TensorBoard events, curve).
+        epochs: Run length in epochs (used when ``steps`` is None).
+        steps: Run length in optimizer steps.
+        batch_size: Global batch size (split evenly over processes).
+        optimizer: ``"rmsproptf"`` (the paper), ``"sgd"`` or ``"adamw"``.
+        lr: Learning rate; None means ``lr_base`` scaled linearly with the batch size.
+        lr_base: Learning rate for a batch of ``lr_base_batch`` images.
+        lr_base_batch: Reference batch size of ``lr_base``.
+        lr_schedule: ``"step"`` (x ``lr_decay_rate`` every ``lr_decay_every``) or ``"cosine"``.
+        lr_decay_every: Interval of the step decay, in the run-length unit.
+        lr_decay_rate: Factor of each step decay.
+        warmup: Linear warm-up length, in the run-length unit.
+        momentum: Momentum (RMSProp and SGD).
+        rms_decay: RMSProp decay of the squared-gradient average.
+        rms_eps: RMSProp epsilon, inside the square root as in TensorFlow.
+        weight_decay: L2 penalty (coupled, as in TensorFlow's slim).
+        label_smoothing: Cross-entropy label smoothing.
+        crop_scale: Random-crop area range (the paper: 8-100 %).
+        crop_ratio: Random-crop aspect-ratio range.
+        hflip: Horizontal flip probability.
+        path_drop: Stochastic-path drop probability at the last unit once switched on.
+        path_drop_epoch: Switch stochastic paths on at this epoch (None: never by epoch).
+        path_drop_gap: Switch them on when train minus val top-1 exceeds this many points.
+        eval_every: Evaluate on the validation split every this many epochs (0: never).
+        val_subset: Evaluate on the first this many validation images (None: all).
+        train_subset: Train on this many images drawn once with the seed (None: all).
+        final_eval: Evaluate the final weights on the whole validation split.
+        checkpoint_every: Also save ``last.pt`` every this many steps (0: per epoch only).
+        log_every: Log step metrics every this many steps.
+        workers: DataLoader worker processes for image folders.
+        seed: Seed of every random number generator.
+        deterministic: Deterministic algorithms (bitwise reproducible resume on CPU).
+        threads: CPU threads for torch (0: torch's default).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``.
+        amp: Mixed precision on CUDA: ``"none"``, ``"bf16"`` or ``"fp16"``.
+        channels_last: Channels-last memory format (None: on CUDA only).
+        compile: Compile the model with ``torch.compile``.
+        sync_bn: SyncBatchNorm across processes (the paper normalises per GPU).
+        init_from: Initialise the weights from this polynet checkpoint (no optimizer state).
+        resume: Continue the run in ``out`` from its ``last.pt``.
+        overwrite: Replace a different run found in ``out``.
+        progress: Show a progress bar.
+    """
+
+    model: str = "polynet_small"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data: str = "fashion-mnist"
+    out: str = "runs/polynet"
+    epochs: float = 10.0
+    steps: int | None = None
+    batch_size: int = 256
+    optimizer: str = "rmsproptf"
+    lr: float | None = None
+    lr_base: float = 0.45
+    lr_base_batch: int = 256
+    lr_schedule: str = "step"
+    lr_decay_every: float = 3.0
+    lr_decay_rate: float = 0.1
+    warmup: float = 0.0
+    momentum: float = 0.9
+    rms_decay: float = 0.9
+    rms_eps: float = 1.0
+    weight_decay: float = 4e-5
+    label_smoothing: float = 0.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    path_drop: float = 0.25
+    path_drop_epoch: float | None = None
+    path_drop_gap: float | None = None
+    eval_every: int = 1
+    val_subset: int | None = None
+    train_subset: int | None = None
+    final_eval: bool = True
+    checkpoint_every: int = 0
+    log_every: int = 50
+    workers: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    threads: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool | None = None
+    compile: bool = False
+    sync_bn: bool = False
+    init_from: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def learning_rate(self) -> float:
+        """The learning rate in use: ``lr`` or the linearly scaled ``lr_base``."""
+        if self.lr is not None:
+            return self.lr
+        return self.lr_base * self.batch_size / self.lr_base_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as plain YAML/JSON-able values."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Section 4 of the paper, exactly: batch 256, RMSProp (0.9, eps 1.0, momentum 0.9),
+    # lr 0.45 x0.1 every 160K of 560K iterations, 8-100 % crops, stochastic paths 0 -> 0.25
+    # switched on when the train/val gap opens.
+    "paper-imagenet": dict(
+        model="polynet_ir_3_6_3",
+        steps=560_000,
+        batch_size=256,
+        optimizer="rmsproptf",
+        lr_base=0.45,
+        lr_base_batch=256,
+        lr_schedule="step",
+        lr_decay_every=160_000,
+        lr_decay_rate=0.1,
+        warmup=0,
+        crop_scale=(0.08, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+        hflip=0.5,
+        path_drop=0.25,
+        path_drop_gap=5.0,
+        checkpoint_every=5000,
+        log_every=100,
+        workers=8,
+    ),
+    # The same optimizer family tuned for Fashion-MNIST on a 2-core CPU (the quick start): a
+    # short warm-up then cosine decay, and a mild crop since 8 % of a 28 px image is ~8 px.
+    "fashion-mnist": dict(
+        model="polynet_small",
+        data="fashion-mnist",
+        epochs=5,
+        batch_size=128,
+        optimizer="rmsproptf",
+        lr_base=0.45,
+        lr_base_batch=256,
+        lr_schedule="cosine",
+        warmup=0.3,
+        weight_decay=4e-5,
+        label_smoothing=0.1,
+        crop_scale=(0.6, 1.0),
+        hflip=0.5,
+        path_drop=0.1,
+        path_drop_gap=3.0,
+        workers=0,
+        log_every=20,
+    ),
+}
+
+_CHOICES = {
+    "optimizer": ("rmsproptf", "sgd", "adamw"),
+    "lr_schedule": ("step", "cosine"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("none", "bf16", "fp16"),
+}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's annotation, converting YAML lists to tuples."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ValueError as err:
+                errors.append(err)
+        raise errors[0]
+    expected = origin or annotation
+    if expected is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(
+                f"config key {key!r} must be a list of {len(args)} numbers, got {value!r}"
+            )
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+    if expected is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if expected is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if expected is str:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"config key {key!r} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def check_keys(values: dict[str, Any], where: str) -> None:
+    """Raise a ValueError for keys that are not configuration fields, suggesting close ones."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _range(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check types and ranges of every field; raise a ValueError naming the first bad one."""
+    hints = _field_types()
+    for f in dataclasses.fields(cfg):
+        setattr(cfg, f.name, _coerce(f.name, getattr(cfg, f.name), hints[f.name]))
+    for key, choices in _CHOICES.items():
+        _range(
+            getattr(cfg, key) in choices,
+            f"config key {key!r} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}",
+        )
+    finite = all(
+        math.isfinite(v) for v in (cfg.lr_base, cfg.rms_eps, cfg.weight_decay) + cfg.crop_scale
+    )
+    _range(finite, "learning rate, epsilon, weight decay and crop scale must be finite numbers")
+    _range(cfg.batch_size >= 1, f"batch_size must be at least 1, got {cfg.batch_size}")
+    _range(cfg.lr is None or cfg.lr > 0, f"lr must be positive, got {cfg.lr}")
+    _range(cfg.lr_base > 0, f"lr_base must be positive, got {cfg.lr_base}")
+    _range(cfg.lr_base_batch >= 1, f"lr_base_batch must be at least 1, got {cfg.lr_base_batch}")
+    _range(cfg.epochs > 0, f"epochs must be positive, got {cfg.epochs}")
+    _range(cfg.steps is None or cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
+    _range(cfg.lr_decay_every > 0, f"lr_decay_every must be positive, got {cfg.lr_decay_every}")
+    _range(0 < cfg.lr_decay_rate <= 1, f"lr_decay_rate must be in (0, 1], got {cfg.lr_decay_rate}")
+    _range(cfg.warmup >= 0, f"warmup must be at least 0, got {cfg.warmup}")
+    _range(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
+    _range(0 <= cfg.rms_decay < 1, f"rms_decay must be in [0, 1), got {cfg.rms_decay}")
+    _range(cfg.rms_eps > 0, f"rms_eps must be positive, got {cfg.rms_eps}")
+    _range(cfg.weight_decay >= 0, f"weight_decay must be at least 0, got {cfg.weight_decay}")
+    _range(
+        0 <= cfg.label_smoothing < 1,
+        f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}",
+    )
+    low, high = cfg.crop_scale
+    _range(
+        0 < low <= high <= 1, f"crop_scale must satisfy 0 < min <= max <= 1, got {cfg.crop_scale}"
+    )
+    low, high = cfg.crop_ratio
+    _range(0 < low <= high, f"crop_ratio must satisfy 0 < min <= max, got {cfg.crop_ratio}")
+    _range(0 <= cfg.hflip <= 1, f"hflip must be a probability in [0, 1], got {cfg.hflip}")
+    _range(
+        0 <= cfg.path_drop < 1,
+        f"path_drop must be a probability in [0, 1), got {cfg.path_drop}",
+    )
+    _range(
+        cfg.path_drop_epoch is None or cfg.path_drop_epoch >= 0,
+        f"path_drop_epoch must be at least 0, got {cfg.path_drop_epoch}",
+    )
+    _range(
+        cfg.path_drop_gap is None or cfg.path_drop_gap >= 0,
+        f"path_drop_gap must be at least 0 (accuracy points), got {cfg.path_drop_gap}",
+    )
+    for key in ("eval_every", "checkpoint_every", "workers", "threads", "seed"):
+        _range(getattr(cfg, key) >= 0, f"{key} must be at least 0, got {getattr(cfg, key)}")
+    _range(cfg.log_every >= 1, f"log_every must be at least 1, got {cfg.log_every}")
+    for key in ("val_subset", "train_subset"):
+        value = getattr(cfg, key)
+        _range(value is None or value >= 1, f"{key} must be at least 1, got {value}")
+    _range(
+        not (cfg.resume and cfg.overwrite),
+        "resume and overwrite exclude each other; pass only one",
+    )
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML config file safely (plain data only; no Python tags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(
+            f"config file {path} is not valid YAML: {str(err).splitlines()[0]}"
+        ) from err
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> TrainConfig:
+    """Layer a preset, a YAML file and overrides into a validated :class:`TrainConfig`.
+
+    Args:
+        preset: A name from :data:`PRESETS`; a ``preset:`` key in the file is used otherwise.
+        config_file: YAML file of configuration keys.
+        **overrides: Keys that win over the file (None values are ignored).
+
+    Raises:
+        ValueError: For an unknown preset or key, a wrong type or an out-of-range value.
+    """
+    file_values = load_yaml(config_file) if config_file else {}
+    preset = preset or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    check_keys(file_values, str(config_file))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    check_keys(overrides, "the arguments")
+    values = {**PRESETS.get(preset or "", {}), **file_values, **overrides}
+    return TrainConfig(**values)

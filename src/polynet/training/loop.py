@@ -1,0 +1,701 @@
+"""The training loop: data, model, recipe, logging, checkpoints, resume and distributed runs.
+
+``train(cfg)`` runs a whole job and returns a :class:`TrainResult`. The output folder holds:
+
+- ``config.yaml``: the resolved configuration (a later run into the folder must match it).
+- ``last.pt`` (and ``last.prev.pt``, the one before) and ``best.pt``: polynet checkpoints.
+- ``metrics.csv`` / ``metrics.json``: one row per epoch; ``tb/``: TensorBoard events.
+- ``curve.png``: loss and top-1 per epoch; ``train.log``: the messages printed.
+
+Checkpoints hold the model, optimizer, scheduler, AMP scaler, the RNG states of every process,
+the stochastic-path state and the position in the epoch, so a resumed run continues exactly
+where the saved one stopped (bitwise on CPU in deterministic mode).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from polynet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polynet.data import build_dataset
+from polynet.training.batches import FolderTrainBatches, TensorTrainBatches, eval_batches
+from polynet.training.config import RESUMABLE_CHANGES, TrainConfig, build_config
+from polynet.training.distributed import (
+    DistInfo,
+    all_sum,
+    barrier,
+    eval_indices,
+    init_distributed,
+    shutdown_distributed,
+    train_batches,
+)
+from polynet.training.recipe import build_optimizer, build_scheduler
+from polynet.zoo import create_model
+
+# Files a run writes into its output folder (``--overwrite`` removes only these).
+RUN_FILES = (
+    "config.yaml",
+    "last.pt",
+    "last.prev.pt",
+    "best.pt",
+    "metrics.csv",
+    "metrics.json",
+    "curve.png",
+    "train.log",
+)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        out: The output folder.
+        final_top1: Top-1 (%) of the final weights on the whole validation split (or None).
+        final_loss: Mean loss there.
+        val_images: Images in that evaluation.
+        best_top1: Best per-epoch validation top-1 (%).
+        steps: Optimizer steps run in total.
+        epochs: Epochs run (fractional for a step-limited run).
+        images_per_second: Training throughput of this process's session.
+        seconds: Wall time of this session.
+        history: Per-epoch metrics.
+    """
+
+    out: Path
+    final_top1: float | None = None
+    final_loss: float | None = None
+    val_images: int = 0
+    best_top1: float | None = None
+    steps: int = 0
+    epochs: float = 0.0
+    images_per_second: float = 0.0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> TrainResult:
+    """Train a model; see :class:`~polynet.training.config.TrainConfig` for every setting.
+
+    Args:
+        config: A config, or a mapping of config keys (``preset`` and ``config_file`` allowed).
+        **overrides: Config keys that win over ``config``.
+
+    Returns:
+        The run's :class:`TrainResult`.
+
+    Raises:
+        ValueError: For bad settings, a folder holding another run, or a diverged loss.
+    """
+    if isinstance(config, TrainConfig):
+        cfg = build_config(**{**config.to_dict(), **overrides}) if overrides else config
+    else:
+        cfg = build_config(**{**(config or {}), **overrides})
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class Trainer:
+    """One training job; :func:`train` is the usual entry point."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.start_time = time.time()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
+        self.device = torch.device("cuda" if want_cuda else "cpu")
+        self.dist: DistInfo = init_distributed(self.device)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        if cfg.batch_size % self.dist.world_size:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} does not split evenly over "
+                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
+            )
+        if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        seed_everything(cfg.seed + self.dist.rank)
+        self.out = Path(cfg.out)
+        self.log_file = None
+        self.writer = None
+        self._prepare_out()
+        self._build_data()
+        self._build_model()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler, self.total_steps = build_scheduler(
+            self.optimizer, cfg, self.steps_per_epoch
+        )
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=cfg.amp == "fp16" and self.device.type == "cuda"
+        )
+        self.state: dict[str, Any] = dict(
+            epoch=0,
+            step_in_epoch=0,
+            global_step=0,
+            path_drop_on=False,
+            path_drop_epoch=None,
+            best_top1=None,
+            epoch_sums=[0.0, 0.0, 0.0],  # loss * images, correct, images
+            history=[],
+        )
+        if cfg.resume:
+            self._resume()
+        if self.dist.is_main:
+            self._open_logs()
+
+    # ----------------------------------------------------------------------------------------
+    # Setup
+
+    def _prepare_out(self) -> None:
+        cfg, config_file = self.cfg, self.out / "config.yaml"
+        current = cfg.to_dict()
+        if config_file.is_file() and not cfg.overwrite:
+            if not cfg.resume:
+                raise ValueError(
+                    f"output folder {self.out} already holds a run; pass --resume to continue "
+                    "it, --overwrite to replace it, or choose another --out"
+                )
+            saved = yaml.safe_load(config_file.read_text()) or {}
+            differs = sorted(
+                k
+                for k in set(saved) | set(current)
+                if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+            )
+            if differs:
+                raise ValueError(
+                    f"output folder {self.out} holds a different run (differs in "
+                    f"{', '.join(differs)}); resume with the same settings or use --overwrite"
+                )
+        barrier(self.dist)  # every process has checked before the main one writes
+        if self.dist.is_main:
+            if cfg.overwrite:
+                for name in RUN_FILES:
+                    (self.out / name).unlink(missing_ok=True)
+                shutil.rmtree(self.out / "tb", ignore_errors=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.out, os.W_OK):
+                raise PermissionError(f"output folder {self.out} is not writable")
+            config_file.write_text(yaml.safe_dump(current, sort_keys=False))
+        barrier(self.dist)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        self.train_set = build_dataset(cfg.data, "train")
+        self.classes = list(self.train_set.classes)
+        self.val_set = None
+        if cfg.eval_every or cfg.final_eval or cfg.path_drop_gap is not None:
+            self.val_set = build_dataset(cfg.data, "val")
+        n = len(self.train_set)
+        self.train_indices = torch.arange(n)
+        if cfg.train_subset is not None and cfg.train_subset < n:
+            g = torch.Generator().manual_seed(cfg.seed)
+            self.train_indices = torch.randperm(n, generator=g)[: cfg.train_subset].sort().values
+        if len(self.train_indices) < cfg.batch_size:
+            raise ValueError(
+                f"the training set has {len(self.train_indices)} images, fewer than one batch "
+                f"of {cfg.batch_size}; lower --batch-size"
+            )
+        self.steps_per_epoch = len(self.train_indices) // cfg.batch_size
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        name, kwargs = cfg.model, dict(cfg.model_kwargs)
+        init_payload = None
+        if cfg.init_from:
+            # The checkpoint names its architecture (e.g. a network grown by 'polynet grow').
+            init_payload = load_checkpoint(cfg.init_from)
+            name = init_payload["model_name"]
+            kwargs = {**init_payload.get("model_kwargs", {}), **kwargs}
+        kwargs["num_classes"] = len(self.classes)
+        model = create_model(name, **kwargs)
+        if init_payload is not None:
+            weights = init_payload["model"]
+            head = [k for k in weights if k.startswith("last_linear.")]
+            if any(weights[k].shape != model.state_dict()[k].shape for k in head):
+                weights = {k: v for k, v in weights.items() if k not in head}
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            missing = [k for k in missing if not k.startswith("last_linear.")]
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"--init-from {cfg.init_from} does not fit {name}: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+        self.model_name, self.model_kwargs = name, kwargs
+        self.raw_model = model.to(self.device)
+        self.data_cfg = dict(model.pretrained_cfg)
+        self.data_cfg["input_size"] = (
+            model.in_chans,
+            *self.data_cfg.get("input_size", (1, 28, 28))[1:],
+        )
+        if model.num_classes != self.data_cfg.get("num_classes"):
+            self.data_cfg["num_classes"] = model.num_classes
+        channels_last = (
+            cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        )
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.raw_model.to(memory_format=self.memory_format)
+        model = self.raw_model
+        if cfg.sync_bn and self.dist.enabled:
+            model = self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.dist.enabled:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if cfg.compile:
+            model = torch.compile(model)
+        self.model = model
+        images = getattr(self.train_set, "images", None)
+        if images is not None:
+            self.batches: Any = TensorTrainBatches(
+                images,
+                self.train_set.targets,
+                self.data_cfg,
+                cfg.crop_scale,
+                cfg.crop_ratio,
+                cfg.hflip,
+                cfg.seed,
+                self.dist.rank,
+            )
+        else:
+            aug = dict(self.data_cfg, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip)
+            self.batches = FolderTrainBatches(self.train_set, aug, cfg.seed, cfg.workers)
+
+    def _open_logs(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_file = open(self.out / "train.log", "a")  # noqa: SIM115 - closed in close()
+        self.writer = SummaryWriter(
+            str(self.out / "tb"), purge_step=self.state["global_step"] or None
+        )
+
+    def log(self, message: str) -> None:
+        """Print a message (main process only) and append it to ``train.log``."""
+        if not self.dist.is_main:
+            return
+        tqdm.write(f"polynet: {message}", file=sys.stderr)
+        if self.log_file:
+            self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+            self.log_file.flush()
+
+    def close(self) -> None:
+        """Close log files and leave the process group."""
+        if self.writer:
+            self.writer.close()
+        if self.log_file:
+            self.log_file.close()
+        shutdown_distributed()
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def _payload(self) -> dict[str, Any]:
+        rng = _rng_state()
+        if self.dist.enabled:
+            every: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(every, rng)
+        else:
+            every = [rng]
+        return dict(
+            model_name=self.model_name,
+            model_kwargs=self.model_kwargs,
+            model=self.raw_model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            rng=every,
+            train_state=dict(self.state),
+            config=self.cfg.to_dict(),
+            classes=self.classes,
+            pretrained_cfg={
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.data_cfg.items()
+                if isinstance(v, (str, int, float, bool, tuple, list)) or v is None
+            },
+        )
+
+    def save(self, best: bool = False) -> None:
+        """Write ``last.pt`` (keeping the previous one as ``last.prev.pt``) and maybe ``best.pt``.
+
+        Every process takes part (RNG states are gathered); only the main one writes.
+        """
+        payload = self._payload()
+        if self.dist.is_main:
+            last = self.out / "last.pt"
+            if last.exists():
+                os.replace(last, self.out / "last.prev.pt")
+            save_checkpoint(last, payload)
+            if best:
+                save_checkpoint(self.out / "best.pt", payload)
+        barrier(self.dist)
+
+    def _resume(self) -> None:
+        payload = None
+        for name in ("last.pt", "last.prev.pt"):
+            path = self.out / name
+            if not path.exists():
+                continue
+            try:
+                payload = load_checkpoint(path, map_location=self.device)
+                break
+            except CheckpointError as err:
+                self.log(f"warning: {err}; trying the previous checkpoint")
+        if payload is None:
+            self.log(f"no checkpoint to resume in {self.out}; starting from the beginning")
+            return
+        self.raw_model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.state = dict(payload["train_state"])
+        rng = payload["rng"]
+        _set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        if self.state["path_drop_on"]:
+            self.raw_model.set_path_drop(self.cfg.path_drop)
+        self.log(
+            f"resumed {self.out} at epoch {self.state['epoch'] + 1}, step "
+            f"{self.state['global_step']}"
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Evaluation
+
+    @torch.no_grad()
+    def evaluate(self, limit: int | None = None) -> tuple[float, float, int]:
+        """Mean loss, top-1 (%) and image count on the validation split (all processes)."""
+        assert self.val_set is not None
+        # Without the DDP wrapper: processes may run different numbers of evaluation batches.
+        model = self.raw_model if self.dist.enabled else self.model
+        model.eval()
+        n = len(self.val_set) if limit is None else min(limit, len(self.val_set))
+        indices = eval_indices(n, self.dist)
+        loss_sum = correct = count = 0.0
+        batch = max(1, self.cfg.batch_size // self.dist.world_size)
+        workers = self.cfg.workers if not hasattr(self.val_set, "images") else 0
+        for images, labels, skipped in eval_batches(
+            self.val_set, indices, self.data_cfg, batch, workers
+        ):
+            for path in skipped:
+                self.log(f"warning: skipped unreadable validation image {path}")
+            if images is None:
+                continue
+            images = images.to(self.device, memory_format=self.memory_format)
+            labels = labels.to(self.device)
+            with self._autocast():
+                logits = model(images)
+            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            count += len(labels)
+        loss_sum, correct, count = all_sum(self.dist, loss_sum, correct, count)
+        if count == 0:
+            raise ValueError("no readable validation image")
+        return loss_sum / count, 100.0 * correct / count, int(count)
+
+    def _autocast(self) -> torch.autocast:
+        enabled = self.cfg.amp != "none" and self.device.type == "cuda"
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
+
+    # ----------------------------------------------------------------------------------------
+    # Training
+
+    def _switch_path_drop(self, epoch: int, reason: str) -> None:
+        self.raw_model.set_path_drop(self.cfg.path_drop)
+        self.state["path_drop_on"], self.state["path_drop_epoch"] = True, epoch
+        self.log(
+            f"stochastic paths on from epoch {epoch + 1} ({reason}): drop probability 0 at the "
+            f"first unit rising to {self.cfg.path_drop} at the last"
+        )
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        labels = labels.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
+        loss_value = loss.item()
+        finite = all_sum(self.dist, float(math.isfinite(loss_value)))[0] == self.dist.world_size
+        if not finite:
+            raise TrainingDiverged(
+                f"the training loss became {loss_value} at step {self.state['global_step'] + 1} "
+                f"(epoch {self.state['epoch'] + 1}); stopped without saving, the last good "
+                f"checkpoint is {self.out / 'last.pt'}: lower the learning rate (--lr) or "
+                "check the data, then --resume"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        correct = (logits.detach().argmax(1) == labels).sum().item()
+        return loss_value, correct
+
+    def run(self) -> TrainResult:
+        """Train to the end of the configured run and evaluate the final weights."""
+        cfg, state = self.cfg, self.state
+        num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        session_images, session_start = 0, time.time()
+        if state["global_step"] == 0:
+            params = sum(p.numel() for p in self.raw_model.parameters())
+            self.log(
+                f"training {self.model_name} ({params:,} parameters) on {cfg.data}: "
+                f"{len(self.train_indices):,} images, "
+                f"{self.total_steps:,} steps of {cfg.batch_size} ({num_epochs} epochs), lr "
+                f"{cfg.learning_rate:g}, {self.dist.world_size} process(es) on {self.device}"
+            )
+        while state["global_step"] < self.total_steps:
+            epoch = state["epoch"]
+            if (
+                not state["path_drop_on"]
+                and cfg.path_drop_epoch is not None
+                and epoch >= cfg.path_drop_epoch
+                and cfg.path_drop > 0
+            ):
+                self._switch_path_drop(epoch, f"path_drop_epoch {cfg.path_drop_epoch:g}")
+            order = train_batches(
+                len(self.train_indices), cfg.batch_size, cfg.seed, epoch, self.dist
+            )
+            steps_here = min(
+                len(order), self.total_steps - (state["global_step"] - state["step_in_epoch"])
+            )
+            start = state["step_in_epoch"]
+            batches = [self.train_indices[b] for b in order[start:steps_here]]
+            if isinstance(self.batches, TensorTrainBatches):
+                stream = (self.batches(b, epoch, start + i) for i, b in enumerate(batches))
+            else:
+                stream = self.batches.epoch(batches, epoch)
+            self.model.train()
+            bar = tqdm(
+                total=steps_here,
+                initial=start,
+                desc=f"epoch {epoch + 1}/{num_epochs}",
+                disable=not (self.dist.is_main and cfg.progress),
+                dynamic_ncols=True,
+                leave=False,
+                file=sys.stderr,
+            )
+            tick = time.time()
+            for images, labels in stream:
+                loss, correct = self._train_step(images, labels)
+                n = len(labels)
+                sums = state["epoch_sums"]
+                sums[0] += loss * n
+                sums[1] += correct
+                sums[2] += n
+                state["step_in_epoch"] += 1
+                state["global_step"] += 1
+                session_images += n * self.dist.world_size
+                elapsed = time.time() - session_start
+                rate = session_images / max(elapsed, 1e-9)
+                remaining = (self.total_steps - state["global_step"]) * cfg.batch_size / rate
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{sums[0] / sums[2]:.3f}",
+                    acc=f"{100 * sums[1] / sums[2]:.1f}",
+                    img_s=f"{rate:.0f}",
+                    eta=f"{remaining / 60:.1f}m",
+                    refresh=False,
+                )
+                if self.writer and state["global_step"] % cfg.log_every == 0:
+                    step = state["global_step"]
+                    self.writer.add_scalar("train/loss", loss, step)
+                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+                    self.writer.add_scalar("train/images_per_second", rate, step)
+                if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                    if state["step_in_epoch"] < steps_here:  # the epoch end saves anyway
+                        self.save()
+            bar.close()
+            self._end_epoch(epoch, state["step_in_epoch"] == len(order), time.time() - tick)
+        result = self._finish(session_images, time.time() - session_start)
+        return result
+
+    def _end_epoch(self, epoch: int, complete: bool, seconds: float) -> None:
+        cfg, state = self.cfg, self.state
+        loss_sum, correct, count = all_sum(self.dist, *state["epoch_sums"])
+        row: dict[str, Any] = dict(
+            epoch=epoch + (1 if complete else state["step_in_epoch"] / self.steps_per_epoch),
+            step=state["global_step"],
+            lr=self.optimizer.param_groups[0]["lr"],
+            train_loss=loss_sum / max(count, 1),
+            train_top1=100 * correct / max(count, 1),
+            path_drop=self.raw_model.path_drop_rate,
+            seconds=seconds,
+        )
+        is_best = False
+        last_epoch = state["global_step"] >= self.total_steps
+        if (
+            self.val_set is not None
+            and cfg.eval_every
+            and ((epoch + 1) % cfg.eval_every == 0 or last_epoch)
+        ):
+            row["val_loss"], row["val_top1"], row["val_images"] = self.evaluate(cfg.val_subset)
+            is_best = state["best_top1"] is None or row["val_top1"] > state["best_top1"]
+            if is_best:
+                state["best_top1"] = row["val_top1"]
+            gap = row["train_top1"] - row["val_top1"]
+            if (
+                cfg.path_drop_gap is not None
+                and not state["path_drop_on"]
+                and cfg.path_drop > 0
+                and gap > cfg.path_drop_gap
+                and not last_epoch
+            ):
+                self._switch_path_drop(
+                    epoch + 1, f"train-val top-1 gap {gap:.1f} > {cfg.path_drop_gap:g}"
+                )
+        state["history"].append(row)
+        val = (
+            f", val loss {row['val_loss']:.4f}, val top-1 {row['val_top1']:.2f}%"
+            if "val_top1" in row
+            else ""
+        )
+        self.log(
+            f"epoch {row['epoch']:g}: train loss {row['train_loss']:.4f}, train top-1 "
+            f"{row['train_top1']:.2f}%{val}, lr {row['lr']:.4g}, {seconds:.0f} s"
+        )
+        if self.writer:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    self.writer.add_scalar(f"epoch/{key}", value, state["global_step"])
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        state["epoch_sums"] = [0.0, 0.0, 0.0]
+        self.save(best=is_best)
+        if self.dist.is_main:
+            self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        history = self.state["history"]
+        keys = list(dict.fromkeys(k for row in history for k in row))
+        tmp = self.out / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(tmp, self.out / "metrics.csv")
+        tmp = self.out / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(history, indent=1))
+        os.replace(tmp, self.out / "metrics.json")
+
+    def _finish(self, session_images: int, seconds: float) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        result = TrainResult(
+            out=self.out,
+            best_top1=state["best_top1"],
+            steps=state["global_step"],
+            epochs=state["global_step"] / self.steps_per_epoch,
+            images_per_second=session_images / max(seconds, 1e-9),
+            seconds=seconds,
+            history=list(state["history"]),
+        )
+        if self.val_set is not None and cfg.final_eval:  # on the whole split unless val_subset
+            result.final_loss, result.final_top1, result.val_images = self.evaluate(cfg.val_subset)
+            self.log(
+                f"final weights: top-1 {result.final_top1:.2f}% on the {result.val_images:,} "
+                f"{'test' if 'mnist' in cfg.data.lower() else 'validation'} images"
+            )
+        if self.dist.is_main:
+            summary = dict(
+                final_top1=result.final_top1,
+                final_loss=result.final_loss,
+                val_images=result.val_images,
+                best_top1=result.best_top1,
+                steps=result.steps,
+                images_per_second=result.images_per_second,
+                seconds=seconds,
+            )
+            (self.out / "result.json").write_text(json.dumps(summary, indent=1))
+            plot_curves(state["history"], self.out / "curve.png")
+        return result
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
+    """Save loss and top-1 per epoch (train and validation) as a PNG."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "top1", "top-1 (%)")):
+        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
+        val = [(row["epoch"], row[f"val_{key}"]) for row in history if f"val_{key}" in row]
+        if val:
+            ax.plot(*zip(*val, strict=True), "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for row in history:
+        if row.get("path_drop"):
+            ax_acc.axvline(row["epoch"] - 1, color="gray", ls="--", lw=0.8)
+            break
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,93 @@
+"""The paper's optimizer and learning-rate schedule.
+
+RMSProp as in TensorFlow (section 4 of the paper): the squared-gradient average starts at one,
+epsilon sits inside the square root and the learning rate is folded into the momentum buffer::
+
+    ms  <- decay * ms + (1 - decay) * g^2
+    mom <- momentum * mom + lr * g / sqrt(ms + eps)
+    w   <- w - mom
+
+timm's ``RMSpropTF`` implements exactly this (``tests/test_train.py`` checks one step by hand).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from timm.optim import RMSpropTF
+from torch import nn
+
+from polynet.training.config import TrainConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Split parameters into decayed weights and undecayed norms and biases (1-d tensors)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.optimizer`` at ``cfg.learning_rate``."""
+    groups = param_groups(model, cfg.weight_decay)
+    lr = cfg.learning_rate
+    if cfg.optimizer == "rmsproptf":
+        return RMSpropTF(groups, lr=lr, alpha=cfg.rms_decay, eps=cfg.rms_eps, momentum=cfg.momentum)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def lr_factor(
+    total_steps: int,
+    schedule: str,
+    decay_every_steps: float,
+    decay_rate: float,
+    warmup_steps: float,
+) -> Callable[[int], float]:
+    """The learning-rate multiplier for step ``i`` (0-based), as a function.
+
+    Args:
+        total_steps: Run length in optimizer steps.
+        schedule: ``"step"``: ``decay_rate ** (i // decay_every_steps)``; ``"cosine"``: half a
+            cosine from 1 to 0 over the run.
+        decay_every_steps: Step-decay interval (the paper: 160K).
+        decay_rate: Step-decay factor (the paper: 0.1).
+        warmup_steps: Linear ramp from ``1 / warmup_steps`` to 1 over the first steps.
+    """
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "step":
+            return decay_rate ** math.floor(step / decay_every_steps)
+        progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, int]:
+    """A per-step scheduler for ``cfg`` and the run length in steps.
+
+    ``lr_decay_every`` and ``warmup`` are in steps when ``cfg.steps`` is set, else in epochs.
+    """
+    per_unit = 1 if cfg.steps is not None else steps_per_epoch
+    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
+    factor = lr_factor(
+        total,
+        cfg.lr_schedule,
+        max(1.0, cfg.lr_decay_every * per_unit),
+        cfg.lr_decay_rate,
+        cfg.warmup * per_unit,
+    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), total

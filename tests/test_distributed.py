@@ -1,0 +1,81 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import polynet
+from polynet.checkpoint import load_checkpoint
+from polynet.training import loop
+
+pytestmark = pytest.mark.skipif(
+    not (polynet.data.fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+    reason="dataset-fashion-mnist missing",
+)
+
+# Identity crops and no flips: both runs see the same pixels, so with SyncBatchNorm the
+# two-process run must compute what one process computes on the whole global batch.
+RUN = dict(
+    model="polynet_small",
+    model_kwargs=dict(width_mult=0.03125, spec="A: 2-way | B: poly-2 | C: 2-way"),
+    data="fashion-mnist",
+    train_subset=64,
+    batch_size=16,
+    epochs=1,
+    lr=0.05,
+    optimizer="sgd",
+    weight_decay=0.0,
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    hflip=0.0,
+    val_subset=33,
+    final_eval=False,
+    workers=0,
+    progress=False,
+    sync_bn=True,
+)
+
+
+def _flags(values):
+    argv = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, tuple):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def test_two_process_gloo_run_matches_one_process_on_the_global_batch(tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "polynet", "train", *_flags(dict(RUN, out=str(out))),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stderr
+    assert "64 images, 4 steps of 16" in done.stderr  # global batch 16 = 2 x 8
+
+    # Rank 0 alone writes: one checkpoint set, one metrics file.
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [row["step"] for row in rows] == [4]
+    assert rows[0]["val_images"] == 33  # 17 + 16 images, each exactly once
+
+    torch.set_num_threads(1)
+    single = loop.train(dict(RUN, out=str(tmp_path / "single"), sync_bn=False))
+    ddp = load_checkpoint(out / "last.pt")
+    one = load_checkpoint(tmp_path / "single" / "last.pt")
+    assert len(ddp["rng"]) == 2  # every process's RNG state is saved
+    for key, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    assert single.history[0]["val_top1"] == pytest.approx(rows[0]["val_top1"])

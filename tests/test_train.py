@@ -1,0 +1,370 @@
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import polynet
+from polynet.checkpoint import load_checkpoint
+from polynet.cli import main
+from polynet.training import loop
+from polynet.training.config import PRESETS, TrainConfig, build_config
+from polynet.training.recipe import build_optimizer, build_scheduler
+
+torch.set_num_threads(1)
+
+FASHION = polynet.data.fashion_mnist_dir()
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist missing"
+)
+TINY = dict(width_mult=0.03125, spec="A: 2-way | B: poly-2 | C: 2-way")
+QUICK = dict(
+    model="polynet_small",
+    model_kwargs=TINY,
+    progress=False,
+    final_eval=False,
+    workers=0,
+    lr=0.05,
+    lr_schedule="cosine",
+    weight_decay=0.0,
+    crop_scale=(0.8, 1.0),
+)
+
+
+def fashion_run(tmp_path, name="run", **overrides):
+    values = dict(
+        QUICK, data="fashion-mnist", train_subset=96, batch_size=16, epochs=2, val_subset=32
+    )
+    values.update(out=str(tmp_path / name), **overrides)
+    return values
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Two classes told apart by stripe direction, 12 RGB images each, 32 px."""
+    root = tmp_path_factory.mktemp("stripes")
+    for split, count in (("train", 12), ("val", 4)):
+        for name, axis in (("horizontal", 0), ("vertical", 1)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                g = torch.Generator().manual_seed(hash((split, name, i)) % 2**31)
+                stripes = (torch.arange(32) // 4 % 2).float() * 200 + 20
+                img = stripes.view(32, 1) if axis == 0 else stripes.view(1, 32)
+                img = (img.expand(32, 32) + torch.rand(32, 32, generator=g) * 30).clamp(0, 255)
+                rgb = img.byte().unsqueeze(-1).expand(32, 32, 3).numpy()
+                Image.fromarray(rgb).save(root / split / name / f"{i}.png")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe
+
+
+def test_rmsproptf_matches_the_tensorflow_formula_by_hand():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    model = torch.nn.Module()
+    model.w = w
+    cfg = TrainConfig(lr=0.5, weight_decay=0.0, momentum=0.9, rms_decay=0.9, rms_eps=1.0)
+    optimizer = build_optimizer(model, cfg)
+    ms, mom, expected = torch.ones(2), torch.zeros(2), w.detach().clone()
+    for g in (torch.tensor([0.5, 2.0]), torch.tensor([-1.0, 3.0])):
+        w.grad = g.clone()
+        optimizer.step()
+        # TensorFlow: ms starts at 1; eps inside the root; lr folded into the momentum buffer.
+        ms = 0.9 * ms + 0.1 * g**2
+        mom = 0.9 * mom + 0.5 * g / torch.sqrt(ms + 1.0)
+        expected = expected - mom
+        torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-7)
+    # First step by hand: ms = 0.9 + 0.1 * 0.25 = 0.925, update = 0.5 * 0.5 / sqrt(1.925).
+    assert math.isclose(1.0 - 0.25 / math.sqrt(1.925), 1.0 - 0.25 / math.sqrt(1.925))
+
+
+def test_paper_preset_schedule_and_linear_lr_scaling():
+    cfg = build_config("paper-imagenet", data="unused")
+    assert cfg.learning_rate == pytest.approx(0.45)
+    assert build_config("paper-imagenet", batch_size=512).learning_rate == pytest.approx(0.9)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, cfg)
+    scheduler, total = build_scheduler(optimizer, cfg, steps_per_epoch=5005)
+    assert total == 560_000
+    factor = scheduler.lr_lambdas[0]
+    assert [factor(s) for s in (0, 159_999, 160_000, 319_999, 320_000, 480_000, 559_999)] == (
+        pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.001, 0.001])
+    )
+    # The same shape in epochs: decay every 2 of 7 epochs.
+    epochs = TrainConfig(epochs=7, lr_decay_every=2, lr=1.0)
+    scheduler, total = build_scheduler(build_optimizer(model, epochs), epochs, steps_per_epoch=10)
+    assert total == 70
+    assert [scheduler.lr_lambdas[0](s) for s in (19, 20, 40, 69)] == pytest.approx(
+        [1, 0.1, 0.01, 0.001]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration errors
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lr": -0.1}, "lr must be positive"),
+        ({"path_drop": 1.5}, "path_drop must be a probability"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+        ({"batch_size": "big"}, "'batch_size' must be an integer"),
+        ({"crop_scale": [0.5]}, "'crop_scale' must be a list of 2"),
+        ({"hflip": True}, "'hflip' must be a number"),
+        ({"optimizer": "lbfgs"}, "'optimizer' must be one of"),
+        ({"learning_rate": 0.1}, "unknown config key 'learning_rate'"),
+        ({"epoch": 3}, "did you mean 'epochs'"),
+        ({"resume": True, "overwrite": True}, "exclude each other"),
+    ],
+)
+def test_bad_settings_are_clear_errors(tmp_path, values, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ValueError, match=message):
+        build_config(config_file=path)
+
+
+def test_yaml_is_loaded_safely_and_flags_win(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("lr: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        build_config(config_file=evil)
+    assert not (tmp_path / "pwned").exists()
+    good = tmp_path / "good.yaml"
+    good.write_text("preset: fashion-mnist\nepochs: 3\nlr: 0.1\n")
+    cfg = build_config(config_file=good, lr=0.2)
+    assert (cfg.epochs, cfg.lr, cfg.crop_scale) == (
+        3,
+        0.2,
+        tuple(PRESETS["fashion-mnist"]["crop_scale"]),
+    )
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_config("imagenet-fast")
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert files
+    for path in files:
+        build_config(config_file=path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+
+
+def test_loss_decreases_on_a_generated_image_folder(tmp_path, folder):
+    result = loop.train(
+        dict(QUICK, data=str(folder), out=str(tmp_path / "run"), batch_size=8, epochs=4, lr=0.1),
+        eval_every=4,
+        final_eval=True,
+    )
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] * 0.9
+    assert result.val_images == 8 and result.final_top1 is not None
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["model_name"] == "polynet_small" and payload["classes"] == [
+        "horizontal",
+        "vertical",
+    ]
+    model, _ = polynet.checkpoint.load_model(tmp_path / "run" / "last.pt")
+    assert model.num_classes == 2
+
+
+@needs_fashion
+def test_loss_decreases_on_a_fashion_mnist_subset_and_writes_logs(tmp_path):
+    result = loop.train(
+        fashion_run(tmp_path, train_subset=256, batch_size=32, epochs=3, lr=0.1),
+        eval_every=1,
+        val_subset=64,
+    )
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0]
+    out = tmp_path / "run"
+    for name in ("last.pt", "best.pt", "metrics.csv", "metrics.json", "curve.png", "config.yaml"):
+        assert (out / name).is_file(), name
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [row["step"] for row in rows] == [8, 16, 24] and all("val_top1" in r for r in rows)
+
+
+@needs_fashion
+def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
+    # Stochastic paths switch on in epoch 2, so the restored RNG state matters too.
+    run = dict(deterministic=True, checkpoint_every=2, path_drop_epoch=1, path_drop=0.3, epochs=3)
+    loop.train(fashion_run(tmp_path, "full", **run))
+    full = load_checkpoint(tmp_path / "full" / "last.pt")
+
+    original = loop.Trainer._train_step
+    calls = {"n": 0}
+
+    def interrupted(self, images, labels):
+        calls["n"] += 1
+        if calls["n"] == 9:  # mid epoch 2 (6 steps per epoch), one step after a checkpoint
+            raise KeyboardInterrupt
+        return original(self, images, labels)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(fashion_run(tmp_path, "split", **run))
+    saved = load_checkpoint(tmp_path / "split" / "last.pt")["train_state"]
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
+    monkeypatch.setattr(loop.Trainer, "_train_step", original)
+    loop.train(fashion_run(tmp_path, "split", resume=True, **run))
+    resumed = load_checkpoint(tmp_path / "split" / "last.pt")
+
+    assert resumed["train_state"]["global_step"] == full["train_state"]["global_step"] == 18
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    full_state, resumed_state = full["optimizer"]["state"], resumed["optimizer"]["state"]
+    assert full_state.keys() == resumed_state.keys()
+    for key, value in full_state.items():
+        assert all(torch.equal(value[k], resumed_state[key][k]) for k in value)
+
+    def timeless(history):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+    assert timeless(full["train_state"]["history"]) == timeless(resumed["train_state"]["history"])
+    assert resumed["train_state"]["path_drop_on"] and resumed["train_state"]["path_drop_epoch"] == 1
+
+
+@needs_fashion
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = loop.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, labels, **kw):
+        calls["n"] += 1
+        loss = real(logits, labels, **kw)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    with pytest.raises(loop.TrainingDiverged, match="loss became nan at step 5"):
+        loop.train(fashion_run(tmp_path, checkpoint_every=2, eval_every=0))
+    payload = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert payload["train_state"]["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in payload["model"].values() if v.is_floating_point())
+
+
+@needs_fashion
+def test_output_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
+    loop.train(fashion_run(tmp_path, epochs=1, eval_every=0))
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        loop.train(fashion_run(tmp_path, epochs=1, eval_every=0))
+    with pytest.raises(ValueError, match="different run \\(differs in lr\\)"):
+        loop.train(fashion_run(tmp_path, epochs=1, eval_every=0, lr=0.3, resume=True))
+    keep = tmp_path / "run" / "notes.txt"
+    keep.write_text("mine")
+    result = loop.train(fashion_run(tmp_path, epochs=1, eval_every=0, lr=0.3, overwrite=True))
+    assert result.steps == 6 and keep.read_text() == "mine"  # only run files are replaced
+
+
+@needs_fashion
+def test_stochastic_paths_switch_on_when_the_gap_opens_and_are_saved(tmp_path, monkeypatch):
+    # A validation top-1 of 0 % opens a gap larger than any threshold after epoch 1.
+    monkeypatch.setattr(loop.Trainer, "evaluate", lambda self, limit=None: (9.0, 0.0, 10))
+    result = loop.train(fashion_run(tmp_path, path_drop_gap=0.5, path_drop=0.2, epochs=2))
+    assert [row["path_drop"] for row in result.history] == [0.0, 0.2]
+    state = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
+    assert state["path_drop_on"] and state["path_drop_epoch"] == 1
+    assert "stochastic paths on from epoch 2" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_path_drop_leaves_eval_output_unchanged():
+    model = polynet.create_model("polynet_small", **TINY).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x)
+        model.set_path_drop(0.25)
+        assert torch.equal(before, model(x))
+        model.train()
+        assert not torch.equal(model(x), model(x))  # training draws paths to drop
+
+
+def test_init_from_loads_weights_without_optimizer_state(tmp_path, folder):
+    source = polynet.create_model("polynet_small", num_classes=2, **TINY)
+    path = tmp_path / "grown.pt"
+    polynet.checkpoint.save_checkpoint(
+        path,
+        dict(
+            model_name="polynet_small",
+            model_kwargs=dict(TINY, num_classes=2),
+            model=source.state_dict(),
+        ),
+    )
+    cfg = build_config(
+        **dict(
+            QUICK,
+            data=str(folder),
+            out=str(tmp_path / "run"),
+            batch_size=8,
+            init_from=str(path),
+            model_kwargs={},
+        )
+    )
+    trainer = loop.Trainer(cfg)
+    try:
+        for key, value in source.state_dict().items():
+            assert torch.equal(trainer.raw_model.state_dict()[key], value), key
+        assert (
+            trainer.model_kwargs["width_mult"] == TINY["width_mult"] and not trainer.optimizer.state
+        )
+    finally:
+        trainer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@needs_fashion
+def test_cli_trains_from_yaml_and_flags_and_prints_top1(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                model_kwargs=TINY,
+                train_subset=64,
+                batch_size=16,
+                epochs=1,
+                eval_every=0,
+                final_eval=False,
+                workers=0,
+                lr=0.05,
+            )
+        )
+    )
+    out = tmp_path / "run"
+    argv = [
+        "train",
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--val-subset",
+        "50",
+        "--final-eval",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "50 " in printed
+    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 2
+
+
+def test_cli_config_errors_are_one_line(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("bacth_size: 3\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'bacth_size'" in err and "Traceback" not in err
+    assert main(["train", "--lr", "-1", "--out", str(tmp_path / "x")]) == 2
+    assert "lr must be positive" in capsys.readouterr().err
