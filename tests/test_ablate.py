@@ -17,7 +17,7 @@ from polynet.ablation import (
     create_study_model,
     run_study,
 )
-from polynet.ablation.report import aggregate, mixing_findings, stages_findings
+from polynet.ablation.report import aggregate, depth_findings, mixing_findings, stages_findings
 from polynet.cli import main
 from polynet.zoo import MODELS
 
@@ -167,6 +167,13 @@ def test_findings_follow_the_numbers():
     # 3-way, not poly-3, is the best uniform config in these numbers.
     uniform = "Among uniform configs, poly-3 does slightly better than mpoly-3 and 3-way."
     assert claims[uniform] == "does not hold"
+
+    depth = build_study("depth")
+    # +4 points over the first 17 added units, +1 over the last 133: a diminishing return.
+    accuracies = [80.0, 82.0, 84.0, 84.3, 84.6, 85.0]
+    rows = [_row(depth, c.name, a) for c, a in zip(depth.configs, accuracies, strict=True)]
+    (finding,) = depth_findings(aggregate(depth, rows), "top1")
+    assert finding.verdict == "holds" and "ResNet-500 (166 units) 85.00" in finding.evidence
 
 
 def test_cli_lists_a_study_and_rejects_bad_values(tmp_path, capsys):

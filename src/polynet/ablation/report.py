@@ -526,19 +526,22 @@ def depth_findings(points: Sequence[Point], metric: str) -> list[Finding]:
     ordered = sorted(points, key=lambda p: p.units)
     if len(ordered) < 3:
         return [Finding("Depth has diminishing returns.", "not measured", "needs 3 depths")]
-    steps = [
-        (b.accuracy(metric) - a.accuracy(metric)) / (b.units - a.units)
-        for a, b in zip(ordered, ordered[1:], strict=False)
-    ]
-    half = len(steps) // 2
-    early, late = statistics.fmean(steps[: max(half, 1)]), statistics.fmean(steps[half:])
+    first, middle, last = ordered[0], ordered[len(ordered) // 2], ordered[-1]
+
+    def slope(a: Point, b: Point) -> tuple[float, float]:
+        """Accuracy gained per added unit from ``a`` to ``b``, and its standard error."""
+        span = b.units - a.units
+        return (b.accuracy(metric) - a.accuracy(metric)) / span, _pair_error(a, b, metric) / span
+
+    (early, early_error), (late, late_error) = slope(first, middle), slope(middle, last)
     return [
         Finding(
             "Adding residual units helps less and less (diminishing return beyond ~100 units).",
-            "holds" if early > late else "does not hold",
+            _diff_verdict(early - late, math.hypot(early_error, late_error)),
             "accuracy: "
             + ", ".join(f"{p.label} ({p.units} units) {p.accuracy(metric):.2f}" for p in ordered)
-            + f"; gain per added unit {early:+.3f} early vs {late:+.3f} late",
+            + f"; gain per added unit {early:+.3f} from {first.label} to {middle.label} vs "
+            f"{late:+.3f} from {middle.label} to {last.label}",
         )
     ]
 

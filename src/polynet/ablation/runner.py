@@ -306,7 +306,8 @@ def _timing(
     previous = json.loads(path.read_text()).get("configs", {}) if path.is_file() else {}
     merged = {k: v for k, v in previous.items() if k not in cached}
     merged.update(cached)
-    _write_json(path, dict(setup=identity, configs=merged))
+    if _rank() == 0:
+        _write_json(path, dict(setup=identity, configs=merged))
     return merged
 
 
@@ -436,7 +437,9 @@ def run_study(
             ),
         )
     # Timing after the cache check, so that a refused folder fails before any long work.
-    timing = _timing(out, study, options, len(classes)) if is_main else {}
+    # Under torchrun every process times on its own device at the same time (no process waits
+    # for another outside the training API); the main process records its measurements.
+    timing = _timing(out, study, options, len(classes))
     if cached:
         _say(f"{len(cached)} config/seed results cached in {out / 'results'}; not rerun")
 
