@@ -67,6 +67,7 @@ class UnreadableImageError(ValueError):
     Attributes:
         path: The file.
         reason: What went wrong, in a few words.
+
     """
 
     def __init__(self, path: str | os.PathLike, reason: str) -> None:
@@ -119,6 +120,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     Raises:
         UnreadableImageError: If the file is missing, empty, truncated, not an image, or has
             more than :data:`MAX_IMAGE_PIXELS` pixels (a possible decompression bomb).
+
     """
     path = Path(path)
     try:
@@ -176,7 +178,7 @@ def _read_fashion_mnist(image_file: Path, label_file: Path, stamp: tuple) -> tup
 
 
 def fashion_mnist_dir(root: str | os.PathLike | None = None) -> Path:
-    """The Fashion-MNIST folder: ``root``, else ``$POLYNET_FASHION_MNIST_DIR``, else Debian's."""
+    """Return the Fashion-MNIST folder: ``root``, ``$POLYNET_FASHION_MNIST_DIR`` or Debian's."""
     return Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
 
 
@@ -196,6 +198,7 @@ class FashionMNIST(Dataset):
     Raises:
         FileNotFoundError: If the files are missing, with the command that installs them.
         ValueError: For an unknown split or corrupt files.
+
     """
 
     def __init__(
@@ -261,6 +264,7 @@ class ImageFolder(Dataset):
     Raises:
         FileNotFoundError: If the split folder is missing.
         ValueError: For empty class folders or val classes not among the training classes.
+
     """
 
     def __init__(self, root: str | os.PathLike, split: str, transform: Transform | None = None):
@@ -319,6 +323,7 @@ def build_dataset(source: str, split: str, transform: Transform | None = None) -
 
     Returns:
         A map-style data set of ``(transform(image), label)`` with ``.classes``.
+
     """
     if source.lower().replace("_", "-") in ("fashion-mnist", "fashionmnist"):
         return FashionMNIST(split, transform)
@@ -355,6 +360,7 @@ class MatchChannels:
 
     Args:
         in_chans: The model's input channels (1 or 3).
+
     """
 
     def __init__(self, in_chans: int) -> None:
@@ -379,7 +385,7 @@ def _stats(cfg: dict[str, Any], in_chans: int) -> tuple[list[float], list[float]
 
 
 def train_transform(cfg: dict[str, Any]) -> T.Compose:
-    """The paper's training augmentation for a model or data config.
+    """Build the paper's training augmentation for a model or data config.
 
     Random crop of ``scale`` (default 8-100 %) of the area with aspect ratio ``ratio`` (default
     3/4-4/3), resized (bilinear) to ``input_size``, horizontal flip with probability ``hflip``
@@ -389,6 +395,7 @@ def train_transform(cfg: dict[str, Any]) -> T.Compose:
     Args:
         cfg: ``input_size`` (int or (C, H, W)), ``mean``, ``std``, optionally ``in_chans``,
             ``scale``, ``ratio``, ``hflip``, ``interpolation``.
+
     """
     in_chans = _channels(cfg)
     mean, std = _stats(cfg, in_chans)
@@ -409,7 +416,7 @@ def train_transform(cfg: dict[str, Any]) -> T.Compose:
 
 
 def eval_transform(cfg: dict[str, Any]) -> T.Compose:
-    """The evaluation transform of a model's ``pretrained_cfg`` (resize, centre crop, normalise).
+    """Build the evaluation transform of a ``pretrained_cfg`` (resize, centre crop, normalise).
 
     ``crop_mode`` ``"center"`` resizes the short side to ``size / crop_pct`` then centre-crops;
     ``"squash"`` resizes both sides to ``size / crop_pct`` (ignoring aspect) then centre-crops.
@@ -417,6 +424,7 @@ def eval_transform(cfg: dict[str, Any]) -> T.Compose:
     Args:
         cfg: A ``pretrained_cfg`` or data config (``input_size``, ``crop_pct``, ``crop_mode``,
             ``interpolation``, ``mean``, ``std``).
+
     """
     data_cfg = resolve_data_config(pretrained_cfg=dict(cfg))
     in_chans = _channels(cfg)

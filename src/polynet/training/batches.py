@@ -24,7 +24,7 @@ from polynet.data import UnreadableImageError, eval_transform, train_transform
 
 
 def position_seed(seed: int, epoch: int, position: int) -> int:
-    """A 63-bit seed for one position of one epoch of a run."""
+    """Return a 63-bit seed for one position of one epoch of a run."""
     return ((seed * 1_000_003 + epoch) * 2_147_483_659 + position) & (2**63 - 1)
 
 
@@ -57,6 +57,7 @@ class TensorTrainBatches:
         hflip: Flip probability.
         seed: Run seed.
         rank: Process rank (each process draws different crops).
+
     """
 
     def __init__(
@@ -80,7 +81,7 @@ class TensorTrainBatches:
     def __call__(
         self, indices: torch.Tensor, epoch: int, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmented batch of ``indices`` at ``(epoch, step)``."""
+        """Return the augmented batch of ``indices`` at ``(epoch, step)``."""
         g = torch.Generator().manual_seed(position_seed(self.seed, epoch, step * 64 + self.rank))
         x = self.images[indices].float().div_(255)
         if x.shape[1] != self.in_chans:  # grey -> RGB repeats; RGB -> grey takes luma
@@ -151,6 +152,7 @@ class FolderTrainBatches:
         data_cfg: Model data config plus ``scale``, ``ratio``, ``hflip``.
         seed: Run seed.
         workers: Worker processes.
+
     """
 
     def __init__(self, dataset: Dataset, data_cfg: dict[str, Any], seed: int, workers: int):

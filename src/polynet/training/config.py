@@ -79,6 +79,7 @@ class TrainConfig:
         resume: Continue the run in ``out`` from its ``last.pt``.
         overwrite: Replace a different run found in ``out``.
         progress: Show a progress bar.
+
     """
 
     model: str = "polynet_small"
@@ -138,7 +139,7 @@ class TrainConfig:
         return self.lr_base * self.batch_size / self.lr_base_batch
 
     def to_dict(self) -> dict[str, Any]:
-        """The configuration as plain YAML/JSON-able values."""
+        """Return the configuration as plain YAML/JSON-able values."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
 
 
@@ -357,6 +358,7 @@ def build_config(
 
     Raises:
         ValueError: For an unknown preset or key, a wrong type or an out-of-range value.
+
     """
     file_values = load_yaml(config_file) if config_file else {}
     preset = preset or file_values.pop("preset", None)

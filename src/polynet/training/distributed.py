@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
-    """This process's place in the job."""
+    """Where this process sits in the job."""
 
     rank: int = 0
     world_size: int = 1
@@ -69,7 +69,7 @@ def all_sum(info: DistInfo, *values: float) -> list[float]:
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled sample order of an epoch, identical on every process."""
+    """Return the shuffled sample order of an epoch, identical on every process."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_samples, generator=generator)
 
@@ -77,7 +77,7 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 def train_batches(
     num_samples: int, global_batch: int, seed: int, epoch: int, info: DistInfo
 ) -> list[torch.Tensor]:
-    """This process's index batches for one training epoch.
+    """Return the index batches of this process for one training epoch.
 
     The epoch is ``num_samples // global_batch`` global batches of a fresh permutation; process
     ``r`` takes images ``r * b .. (r + 1) * b`` of each, ``b = global_batch / world_size``.
@@ -92,5 +92,8 @@ def train_batches(
 
 
 def eval_indices(num_samples: int, info: DistInfo) -> list[int]:
-    """This process's evaluation images: every ``world_size``-th, so each is seen exactly once."""
+    """Return this process's share of evaluation images: every ``world_size``-th one.
+
+    Each image is seen exactly once over all processes.
+    """
     return list(range(info.rank, num_samples, info.world_size))

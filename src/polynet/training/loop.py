@@ -82,6 +82,7 @@ class TrainResult:
         images_per_second: Training throughput of this process's session.
         seconds: Wall time of this session.
         history: Per-epoch metrics.
+
     """
 
     out: Path
@@ -108,6 +109,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
 
     Raises:
         ValueError: For bad settings, a folder holding another run, or a diverged loss.
+
     """
     if isinstance(config, TrainConfig):
         cfg = build_config(**{**config.to_dict(), **overrides}) if overrides else config
@@ -165,6 +167,10 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
+            raise ValueError(
+                "sync_bn needs CUDA (SyncBatchNorm has no CPU version); drop --sync-bn"
+            )
         if cfg.batch_size % self.dist.world_size:
             raise ValueError(
                 f"batch_size {cfg.batch_size} does not split evenly over "

@@ -35,7 +35,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.optimizer`` at ``cfg.learning_rate``."""
+    """Build the optimizer named by ``cfg.optimizer`` at ``cfg.learning_rate``."""
     groups = param_groups(model, cfg.weight_decay)
     lr = cfg.learning_rate
     if cfg.optimizer == "rmsproptf":
@@ -52,7 +52,7 @@ def lr_factor(
     decay_rate: float,
     warmup_steps: float,
 ) -> Callable[[int], float]:
-    """The learning-rate multiplier for step ``i`` (0-based), as a function.
+    """Return the learning-rate multiplier for step ``i`` (0-based), as a function.
 
     Args:
         total_steps: Run length in optimizer steps.
@@ -61,6 +61,7 @@ def lr_factor(
         decay_every_steps: Step-decay interval (the paper: 160K).
         decay_rate: Step-decay factor (the paper: 0.1).
         warmup_steps: Linear ramp from ``1 / warmup_steps`` to 1 over the first steps.
+
     """
 
     def factor(step: int) -> float:
@@ -77,7 +78,7 @@ def lr_factor(
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.lr_scheduler.LambdaLR, int]:
-    """A per-step scheduler for ``cfg`` and the run length in steps.
+    """Build a per-step scheduler for ``cfg``; also return the run length in steps.
 
     ``lr_decay_every`` and ``warmup`` are in steps when ``cfg.steps`` is set, else in epochs.
     """
