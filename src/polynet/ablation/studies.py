@@ -200,7 +200,9 @@ def _polynet(
     if scale == "small":
         kwargs: dict[str, Any] = dict(spec=spec, width_mult=row.pop("width_mult"))
         if definition is not None:
-            kwargs.update({k: v for k, v in definition.kwargs.items() if k in ("sharing",)})
+            kwargs.update(
+                {k: v for k, v in definition.kwargs.items() if k in ("sharing", "residual_scale")}
+            )
         return StudyConfig(name, label, family, "polynet_small", kwargs, **row)
     row.pop("width_mult")
     if registry_name is None:

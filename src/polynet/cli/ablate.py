@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from polynet.ablation import STUDIES, StudyOptions, build_study, run_study
+
+# What --publish copies: small text and PNG files, never the runs' checkpoints.
+PUBLISHED = ("report.md", "results.csv", "results.json", "timing.json", "study.json", "fig*.png")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,6 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="iterations per config and timing round (default: %(default)s)",
     )
     p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument(
+        "--publish",
+        metavar="DIR",
+        help="also copy the report, tables, timing and figure (no checkpoints) to DIR",
+    )
     p.set_defaults(func=run)
 
 
@@ -108,6 +119,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c.name:<22} {c.label:<22} {c.model} {kwargs}")
         return 0
     result = run_study(args.study, args.out, options)
+    if args.publish and int(os.environ.get("RANK", "0")) == 0:
+        target = Path(args.publish)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in PUBLISHED:
+            for path in sorted(result.out.glob(name)):
+                shutil.copy2(path, target / path.name)
+        print(f"copied the report, tables and figure to {target}")
     print(
         f"{args.study}: {len(result.trained)} trained, {len(result.cached)} cached; report "
         f"{result.out / 'report.md'}",
