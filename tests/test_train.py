@@ -360,6 +360,14 @@ def test_cli_trains_from_yaml_and_flags_and_prints_top1(tmp_path, capsys):
     assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 2
 
 
+def test_cli_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--batch-size" in text and "--crop-scale MIN MAX" in text and "--no-progress" in text
+
+
 def test_cli_config_errors_are_one_line(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("bacth_size: 3\n")

@@ -40,7 +40,7 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, annotation:
     if typing.get_origin(annotation) in (types.UnionType, typing.Union) and len(options) == 1:
         annotation = options[0]
     kind = typing.get_origin(annotation) or annotation
-    help_text = _HELP.get(f.name, "")
+    help_text = _HELP.get(f.name, "").replace("%", "%%")  # argparse formats help with %
     if kind is bool:
         group.add_argument(
             flag, action=argparse.BooleanOptionalAction, default=None, help=help_text

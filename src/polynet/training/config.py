@@ -69,7 +69,7 @@ class TrainConfig:
         workers: DataLoader worker processes for image folders.
         seed: Seed of every random number generator.
         deterministic: Deterministic algorithms (bitwise reproducible resume on CPU).
-        threads: CPU threads for torch (0: torch's default).
+        threads: CPU threads for torch (0: one per idle core, from the load average).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         amp: Mixed precision on CUDA: ``"none"``, ``"bf16"`` or ``"fp16"``.
         channels_last: Channels-last memory format (None: on CUDA only).
@@ -171,6 +171,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # short warm-up then cosine decay, and a mild crop since 8 % of a 28 px image is ~8 px.
     "fashion-mnist": dict(
         model="polynet_small",
+        # Half the registered width: 4x fewer multiply-adds, so about five epochs fit in the
+        # quick start's 10 minutes on 2 CPU cores.
+        model_kwargs=dict(width_mult=0.0625),
         data="fashion-mnist",
         epochs=5,
         batch_size=128,
@@ -181,11 +184,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         warmup=0.3,
         weight_decay=4e-5,
         label_smoothing=0.1,
-        crop_scale=(0.6, 1.0),
+        crop_scale=(0.7, 1.0),
         hflip=0.5,
         path_drop=0.1,
         path_drop_gap=3.0,
+        eval_every=1,
         workers=0,
+        channels_last=True,
         log_every=20,
     ),
 }

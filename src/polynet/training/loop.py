@@ -159,6 +159,10 @@ class Trainer:
         self.start_time = time.time()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        elif cfg.device != "cuda" and hasattr(os, "getloadavg"):
+            # Threads beyond the idle cores spin against other processes and run slower.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0]))))
         want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
@@ -508,7 +512,8 @@ class Trainer:
                 f"training {self.model_name} ({params:,} parameters) on {cfg.data}: "
                 f"{len(self.train_indices):,} images, "
                 f"{self.total_steps:,} steps of {cfg.batch_size} ({num_epochs} epochs), lr "
-                f"{cfg.learning_rate:g}, {self.dist.world_size} process(es) on {self.device}"
+                f"{cfg.learning_rate:g}, {self.dist.world_size} process(es) on {self.device} "
+                f"({torch.get_num_threads()} threads)"
             )
         while state["global_step"] < self.total_steps:
             epoch = state["epoch"]
@@ -656,7 +661,15 @@ class Trainer:
             history=list(state["history"]),
         )
         if self.val_set is not None and cfg.final_eval:  # on the whole split unless val_subset
-            result.final_loss, result.final_top1, result.val_images = self.evaluate(cfg.val_subset)
+            last = state["history"][-1] if state["history"] else {}
+            if last.get("step") == state["global_step"] and "val_top1" in last:
+                # The last epoch already evaluated these weights on the same images.
+                result.final_loss, result.final_top1 = last["val_loss"], last["val_top1"]
+                result.val_images = last["val_images"]
+            else:
+                result.final_loss, result.final_top1, result.val_images = self.evaluate(
+                    cfg.val_subset
+                )
             self.log(
                 f"final weights: top-1 {result.final_top1:.2f}% on the {result.val_images:,} "
                 f"{'test' if 'mnist' in cfg.data.lower() else 'validation'} images"
