@@ -17,7 +17,13 @@ from polynet.ablation import (
     create_study_model,
     run_study,
 )
-from polynet.ablation.report import aggregate, depth_findings, mixing_findings, stages_findings
+from polynet.ablation.report import (
+    aggregate,
+    depth_findings,
+    mixing_findings,
+    stages_findings,
+    write_outputs,
+)
 from polynet.cli import main
 from polynet.zoo import MODELS
 
@@ -183,3 +189,21 @@ def test_cli_lists_a_study_and_rejects_bad_values(tmp_path, capsys):
     assert main(["ablate", "stages", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
     assert polynet.ablation.runner.SMALL_RECIPE["steps"] > 0
+
+
+@pytest.mark.parametrize("name", ["mixing", "depth", "scaling"])
+def test_outputs_of_every_study_from_synthetic_results(tmp_path, name):
+    study = build_study(name)
+    rows = [
+        _row(study, c.name, 80.0 + i, seconds=0.05 * (i + 1), seed=seed)
+        for i, c in enumerate(study.configs)
+        for seed in (0, 1)
+    ]
+    written = write_outputs(study, rows, tmp_path, dict(scale="small", classes=list("0123456789")))
+    assert {p.name for p in written} >= {"results.csv", "results.json", "report.md"}
+    figure = next(p for p in written if p.suffix == ".png")
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    table = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert len(table) == len(study.configs) and {r["seeds"] for r in table} == {"2"}
+    report = (tmp_path / "report.md").read_text()
+    assert "## Findings" in report and "not measured" not in report.split("## Results")[0]

@@ -228,7 +228,7 @@ def plot_mixing(points: Sequence[Point], path: Path, metric: str) -> None:
     for x, p, e in zip(xs, points, errors, strict=True):
         ax.annotate(
             f"{e:.2f}\n{_ms(p):.0f} ms",
-            (x, e),
+            (x, e + p.stderr(metric)),  # above the error bar
             ha="center",
             fontsize=7,
             xytext=(0, 4),
@@ -236,7 +236,8 @@ def plot_mixing(points: Sequence[Point], path: Path, metric: str) -> None:
         )
     ax.set_xticks(xs, [p.label for p in points])
     low = min(errors) - 3 * max(p.stderr(metric) for p in points)
-    ax.set_ylim(max(0.0, low), max(errors) * 1.05 + 0.5)
+    high = max(e + p.stderr(metric) for e, p in zip(errors, points, strict=True))
+    ax.set_ylim(max(0.0, low), high * 1.05 + 0.5)
     ax.set_ylabel(f"{metric} error (%)")
     ax.set_title("Stage B of IR 6-12-6: uniform and mixed PolyInception (cf. paper Fig. 8)")
     ax.grid(axis="y", alpha=0.3)
@@ -563,35 +564,46 @@ def scaling_findings(points: Sequence[Point], metric: str) -> list[Finding]:
     findings = []
 
     def compare(points_a: Sequence[Point], curve: Sequence[Point]) -> list[tuple[Point, float]]:
+        """Accuracy of each point minus the curve's at the same time (or its nearest point)."""
         out = []
         for p in points_a:
             ref = _interp(curve, _ms(p), metric)
+            if ref is None and curve:
+                # Outside the curve's time range: the curve's closest point stands in.
+                nearest = min(curve, key=lambda q: abs(math.log(_ms(q) / _ms(p))))
+                ref = nearest.accuracy(metric)
+                near[p.config] = f" (outside the IR range; nearest {nearest.label})"
             if ref is not None:
                 out.append((p, p.accuracy(metric) - ref))
         return out
 
-    poly_vs_ir = compare(family["polynet"], family["ir"])
+    near: dict[str, str] = {}
+    poly_vs_ir = compare(sorted(family["polynet"], key=_ms), family["ir"])
     if poly_vs_ir:
         small, large = poly_vs_ir[0], poly_vs_ir[-1]
         findings.append(
             Finding(
                 "At a small budget, a deeper IR is as good or better than structural diversity.",
                 "holds" if small[1] <= 0 else "does not hold",
-                f"{small[0].label} vs the IR curve at {_ms(small[0]):.0f} ms: {small[1]:+.2f}",
+                f"{small[0].label} vs the IR curve at {_ms(small[0]):.0f} ms: {small[1]:+.2f}"
+                + near.get(small[0].config, ""),
             )
         )
         findings.append(
             Finding(
                 "At a large budget, PolyNet beats an IR of the same time per iteration.",
                 _diff_verdict(large[1], large[0].stderr(metric) * math.sqrt(2)),
-                ", ".join(f"{p.label} at {_ms(p):.0f} ms: {d:+.2f} vs IR" for p, d in poly_vs_ir),
+                ", ".join(
+                    f"{p.label} at {_ms(p):.0f} ms: {d:+.2f} vs IR{near.get(p.config, '')}"
+                    for p, d in poly_vs_ir
+                ),
             )
         )
     else:
         findings.append(
             Finding("PolyNet vs IR at equal time", "not measured", "no overlap of time ranges")
         )
-    resnet_vs_ir = compare(family["resnet"], family["ir"])
+    resnet_vs_ir = compare(sorted(family["resnet"], key=_ms), family["ir"])
     if resnet_vs_ir:
         worse = [d for _, d in resnet_vs_ir if d < 0]
         findings.append(
@@ -600,7 +612,10 @@ def scaling_findings(points: Sequence[Point], metric: str) -> list[Finding]:
                 "holds"
                 if len(worse) == len(resnet_vs_ir)
                 else ("partly" if worse else "does not hold"),
-                ", ".join(f"{p.label} at {_ms(p):.0f} ms: {d:+.2f} vs IR" for p, d in resnet_vs_ir),
+                ", ".join(
+                    f"{p.label} at {_ms(p):.0f} ms: {d:+.2f} vs IR{near.get(p.config, '')}"
+                    for p, d in resnet_vs_ir
+                ),
             )
         )
     else:
