@@ -152,14 +152,12 @@ def load_model(
         The model in eval mode and the checkpoint's payload.
 
     """
+    from polynet.weights import WeightsFile, fit_state_dict
     from polynet.zoo import create_model
 
     payload = load_checkpoint(path, map_location)
-    model = create_model(payload["model_name"], **{**payload.get("model_kwargs", {}), **overrides})
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit {payload['model_name']}: missing "
-            f"{list(missing)[:5]}, unexpected {list(unexpected)[:5]}"
-        )
+    name, kwargs = payload["model_name"], payload.get("model_kwargs", {})
+    model = create_model(name, **{**kwargs, **overrides})
+    weights = WeightsFile(Path(path), dict(payload["model"]), "checkpoint", name, dict(kwargs))
+    model.load_state_dict(fit_state_dict(weights, model, adapt=False))
     return model.eval(), payload
