@@ -253,6 +253,45 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 @needs_fashion
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def full_disk(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        loop.train(fashion_run(tmp_path, checkpoint_every=2, eval_every=0))
+    out = tmp_path / "run"
+    assert load_checkpoint(out / "last.pt")["train_state"]["global_step"] == 4
+    assert not list(out.glob(".*.tmp")) and not (out / "last.next.pt").exists()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (
+        loop.train(fashion_run(tmp_path, checkpoint_every=2, eval_every=0, resume=True)).steps == 12
+    )
+
+
+@needs_fashion
+def test_corrupt_last_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    loop.train(fashion_run(tmp_path, checkpoint_every=2, eval_every=0, epochs=1))
+    last = tmp_path / "run" / "last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    result = loop.train(
+        fashion_run(tmp_path, checkpoint_every=2, eval_every=0, epochs=1, resume=True)
+    )
+    assert result.steps == 6
+    assert "trying the previous checkpoint" in (tmp_path / "run" / "train.log").read_text()
+
+
+@needs_fashion
 def test_output_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path):
     loop.train(fashion_run(tmp_path, epochs=1, eval_every=0))
     with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):

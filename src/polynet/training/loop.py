@@ -4,6 +4,7 @@
 
 - ``config.yaml``: the resolved configuration (a later run into the folder must match it).
 - ``last.pt`` (and ``last.prev.pt``, the one before) and ``best.pt``: polynet checkpoints.
+  A ``last.next.pt`` exists only if a save was interrupted between its two renames.
 - ``metrics.csv`` / ``metrics.json``: one row per epoch; ``tb/``: TensorBoard events.
 - ``curve.png``: loss and top-1 per epoch; ``train.log``: the messages printed.
 
@@ -54,6 +55,7 @@ from polynet.zoo import create_model
 RUN_FILES = (
     "config.yaml",
     "last.pt",
+    "last.next.pt",
     "last.prev.pt",
     "best.pt",
     "metrics.csv",
@@ -248,6 +250,7 @@ class Trainer:
             if not os.access(self.out, os.W_OK):
                 raise PermissionError(f"output folder {self.out} is not writable")
             config_file.write_text(yaml.safe_dump(current, sort_keys=False))
+            self.log_file = open(self.out / "train.log", "a")  # noqa: SIM115 - closed in close()
         barrier(self.dist)
 
     def _build_data(self) -> None:
@@ -335,7 +338,6 @@ class Trainer:
     def _open_logs(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_file = open(self.out / "train.log", "a")  # noqa: SIM115 - closed in close()
         self.writer = SummaryWriter(
             str(self.out / "tb"), purge_step=self.state["global_step"] or None
         )
@@ -392,17 +394,25 @@ class Trainer:
         """
         payload = self._payload()
         if self.dist.is_main:
-            last = self.out / "last.pt"
+            # Write the new file completely before touching the old ones: a full disk or a
+            # crash leaves last.pt (or, between the renames, last.next.pt) usable.
+            last, following = self.out / "last.pt", self.out / "last.next.pt"
+            save_checkpoint(following, payload)
             if last.exists():
                 os.replace(last, self.out / "last.prev.pt")
-            save_checkpoint(last, payload)
+            os.replace(following, last)
             if best:
                 save_checkpoint(self.out / "best.pt", payload)
         barrier(self.dist)
 
     def _resume(self) -> None:
-        payload = None
-        for name in ("last.pt", "last.prev.pt"):
+        if self.dist.is_main:
+            # Temporary files of saves killed mid-write (SIGKILL, power loss) are never read.
+            for name in RUN_FILES:
+                for stale in self.out.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+        payload, unusable = None, []
+        for name in ("last.next.pt", "last.pt", "last.prev.pt"):  # newest first
             path = self.out / name
             if not path.exists():
                 continue
@@ -410,7 +420,14 @@ class Trainer:
                 payload = load_checkpoint(path, map_location=self.device)
                 break
             except CheckpointError as err:
+                unusable.append(name)
                 self.log(f"warning: {err}; trying the previous checkpoint")
+        if payload is None and unusable:
+            # Starting again would overwrite them; leave that decision to the user.
+            raise CheckpointError(
+                f"no usable checkpoint in {self.out} ({', '.join(unusable)} unreadable, left "
+                "untouched); restore one, or pass --overwrite instead of --resume to start again"
+            )
         if payload is None:
             self.log(f"no checkpoint to resume in {self.out}; starting from the beginning")
             return
