@@ -54,6 +54,7 @@ SMALL_RECIPE: dict[str, Any] = dict(
     warmup=30,  # steps, since the run length is in steps
     lr_schedule="cosine",
     threads=2,
+    checkpoint_every=100,  # a killed config resumes within 100 steps, not from its start
 )
 FULL_RECIPE: dict[str, Any] = dict(preset="paper-imagenet")
 # Settings no study may change: the study evaluates once itself (top-1 and top-5 of the final
