@@ -197,7 +197,15 @@ def test_loss_decreases_on_a_fashion_mnist_subset_and_writes_logs(tmp_path):
 @needs_fashion
 def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
     # Stochastic paths switch on in epoch 2, so the restored RNG state matters too.
-    run = dict(deterministic=True, checkpoint_every=2, path_drop_epoch=1, path_drop=0.3, epochs=3)
+    # BatchNorm recalibration before each evaluation must not disturb the RNG streams either.
+    run = dict(
+        deterministic=True,
+        checkpoint_every=2,
+        path_drop_epoch=1,
+        path_drop=0.3,
+        epochs=3,
+        bn_recalibrate=32,
+    )
     loop.train(fashion_run(tmp_path, "full", **run))
     full = load_checkpoint(tmp_path / "full" / "last.pt")
 
@@ -313,6 +321,23 @@ def test_stochastic_paths_switch_on_when_the_gap_opens_and_are_saved(tmp_path, m
     state = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
     assert state["path_drop_on"] and state["path_drop_epoch"] == 1
     assert "stochastic paths on from epoch 2" in (tmp_path / "run" / "train.log").read_text()
+
+
+@needs_fashion
+def test_batchnorm_recalibration_averages_training_images_and_keeps_rng(tmp_path):
+    cfg = build_config(**fashion_run(tmp_path, path_drop=0.2))
+    trainer = loop.Trainer(cfg)
+    try:
+        trainer.raw_model.set_path_drop(0.2)
+        rng = torch.get_rng_state()
+        trainer.recalibrate_batchnorm(40)  # batches of 16, 16, 8
+        assert torch.equal(rng, torch.get_rng_state())
+        bn = trainer.raw_model.stem.conv1.bn
+        assert int(bn.num_batches_tracked) == 3 and bn.momentum == 0.1
+        assert trainer.raw_model.path_drop_rate == 0.2
+        assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    finally:
+        trainer.close()
 
 
 def test_path_drop_leaves_eval_output_unchanged():

@@ -61,6 +61,9 @@ class TrainConfig:
         path_drop_epoch: Switch stochastic paths on at this epoch (None: never by epoch).
         path_drop_gap: Switch them on when train minus val top-1 exceeds this many points.
         eval_every: Evaluate on the validation split every this many epochs (0: never).
+        bn_recalibrate: Before each evaluation, recompute BatchNorm statistics as a plain
+            average over this many training images (0: keep the running averages, which lag
+            behind fast-changing weights in short runs).
         val_subset: Evaluate on the first this many validation images (None: all).
         train_subset: Train on this many images drawn once with the seed (None: all).
         final_eval: Evaluate the final weights on the whole validation split.
@@ -109,6 +112,7 @@ class TrainConfig:
     path_drop_epoch: float | None = None
     path_drop_gap: float | None = None
     eval_every: int = 1
+    bn_recalibrate: int = 0
     val_subset: int | None = None
     train_subset: int | None = None
     final_eval: bool = True
@@ -191,6 +195,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         path_drop=0.1,
         path_drop_gap=3.0,
         eval_every=1,
+        bn_recalibrate=2048,
         workers=0,
         channels_last=True,
         log_every=20,
@@ -323,7 +328,7 @@ def validate(cfg: TrainConfig) -> None:
         cfg.path_drop_gap is None or cfg.path_drop_gap >= 0,
         f"path_drop_gap must be at least 0 (accuracy points), got {cfg.path_drop_gap}",
     )
-    for key in ("eval_every", "checkpoint_every", "workers", "threads", "seed"):
+    for key in ("eval_every", "bn_recalibrate", "checkpoint_every", "workers", "threads", "seed"):
         _range(getattr(cfg, key) >= 0, f"{key} must be at least 0, got {getattr(cfg, key)}")
     _range(cfg.log_every >= 1, f"log_every must be at least 1, got {cfg.log_every}")
     for key in ("val_subset", "train_subset"):

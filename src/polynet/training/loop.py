@@ -35,10 +35,10 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from polynet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polynet.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from polynet.data import build_dataset
 from polynet.training.batches import FolderTrainBatches, TensorTrainBatches, eval_batches
-from polynet.training.config import RESUMABLE_CHANGES, TrainConfig, build_config
+from polynet.training.config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml
 from polynet.training.distributed import (
     DistInfo,
     all_sum,
@@ -215,6 +215,10 @@ class Trainer:
         if cfg.resume:
             self._resume()
         if self.dist.is_main:
+            # Written once data, model and checkpoint have loaded: a run that fails to start
+            # leaves no config.yaml, so the corrected command is not refused as another run.
+            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            atomic_write(self.out / "config.yaml", lambda f: f.write(text.encode()))
             self._open_logs()
 
     # ----------------------------------------------------------------------------------------
@@ -229,7 +233,7 @@ class Trainer:
                     f"output folder {self.out} already holds a run; pass --resume to continue "
                     "it, --overwrite to replace it, or choose another --out"
                 )
-            saved = yaml.safe_load(config_file.read_text()) or {}
+            saved = load_yaml(config_file)  # plain data only; a bad file is a clear error
             differs = sorted(
                 k
                 for k in set(saved) | set(current)
@@ -249,7 +253,6 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if not os.access(self.out, os.W_OK):
                 raise PermissionError(f"output folder {self.out} is not writable")
-            config_file.write_text(yaml.safe_dump(current, sort_keys=False))
             self.log_file = open(self.out / "train.log", "a")  # noqa: SIM115 - closed in close()
         barrier(self.dist)
 
@@ -452,6 +455,8 @@ class Trainer:
     def evaluate(self, limit: int | None = None) -> tuple[float, float, int]:
         """Mean loss, top-1 (%) and image count on the validation split (all processes)."""
         assert self.val_set is not None
+        if self.cfg.bn_recalibrate:
+            self.recalibrate_batchnorm(self.cfg.bn_recalibrate)
         # Without the DDP wrapper: processes may run different numbers of evaluation batches.
         model = self.raw_model if self.dist.enabled else self.model
         model.eval()
@@ -478,6 +483,39 @@ class Trainer:
         if count == 0:
             raise ValueError("no readable validation image")
         return loss_sum / count, 100.0 * correct / count, int(count)
+
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, num_images: int) -> None:
+        """Replace BatchNorm running statistics by their average over training images.
+
+        Every process uses the same images (evaluation-transformed, a fixed seeded choice), so
+        the statistics agree across processes; the RNG state and stochastic paths are untouched.
+        """
+        norms = [
+            m for m in self.raw_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        if not norms:
+            return
+        order = torch.randperm(
+            len(self.train_indices), generator=torch.Generator().manual_seed(self.cfg.seed)
+        )
+        indices = self.train_indices[order[:num_images]].tolist()
+        momenta = [m.momentum for m in norms]
+        path_drop = self.raw_model.path_drop_rate
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+        self.raw_model.set_path_drop(0.0)
+        self.raw_model.train()
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            batch = max(1, self.cfg.batch_size // self.dist.world_size)
+            for images, _, _ in eval_batches(self.train_set, indices, self.data_cfg, batch, 0):
+                if images is not None:
+                    with self._autocast():
+                        self.raw_model(images.to(self.device, memory_format=self.memory_format))
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        self.raw_model.set_path_drop(path_drop)
 
     def _autocast(self) -> torch.autocast:
         enabled = self.cfg.amp != "none" and self.device.type == "cuda"
