@@ -16,7 +16,10 @@ def test_info_json_matches_the_released_counts(capsys):
 
 
 def test_info_table_for_a_spec(capsys):
-    assert main(["info", "polynet", "--spec", "A: 2-way | B: mpoly-3 | C: ir", "--input-size", "75"]) == 0
+    assert (
+        main(["info", "polynet", "--spec", "A: 2-way | B: mpoly-3 | C: ir", "--input-size", "75"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "B: I + F + GF + HGF" in out and "input 3x75x75" in out
 
@@ -50,4 +53,6 @@ def test_console_script_runs_as_a_module():
     done = subprocess.run(
         [sys.executable, "-m", "polynet", "info", "polynet_x"], capture_output=True, text=True
     )
-    assert done.returncode == 2 and "unknown model" in done.stderr and "Traceback" not in done.stderr
+    assert (
+        done.returncode == 2 and "unknown model" in done.stderr and "Traceback" not in done.stderr
+    )

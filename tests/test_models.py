@@ -16,7 +16,9 @@ NARROW = dict(width_mult=0.125)
 
 def _input(model, batch=2):
     size = model.min_input_size if model.min_input_size > 8 else 28
-    return torch.randn(batch, model.in_chans, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(
+        batch, model.in_chans, size, size, generator=torch.Generator().manual_seed(0)
+    )
 
 
 def _narrow(name, **kwargs):
@@ -142,7 +144,7 @@ def test_grad_checkpointing_recomputes_and_matches(name):
     out_b, grads_b = run(True)
     assert len(calls) == 3  # forward, then recomputed in backward
     torch.testing.assert_close(out_b, out_a)
-    for a, b in zip(grads_a, grads_b):
+    for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 

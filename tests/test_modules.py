@@ -26,7 +26,9 @@ def _unit(expression, sharing="full", scale=0.3):
 
 
 def _x(batch=2):
-    return torch.randn(batch, CHS, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return torch.randn(
+        batch, CHS, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
 
 
 @pytest.mark.parametrize("sharing", ["full", "released"])

@@ -17,6 +17,7 @@ class TokenStream:
         what: What is parsed, for error messages ("polynomial", "network spec").
         unknown: Advice appended when a character matches no token.
         hint: Advice appended to every error (e.g. an example).
+
     """
 
     def __init__(

@@ -41,6 +41,7 @@ class PlanStep:
         order: How many times this letter already occurs earlier on the path (0 for the first
             use). Blocks with per-order parameters (the released poly-3) select them by this.
         is_path_end: Whether some path of the polynomial ends here, so this output is summed.
+
     """
 
     node: int
@@ -57,6 +58,7 @@ class Polynomial:
     Attributes:
         text: The expression as written.
         terms: The non-identity terms in written order, each a word of block letters.
+
     """
 
     text: str
@@ -139,10 +141,11 @@ _TOKEN = re.compile(r"\s*(?:(?P<letter>[A-Z])|(?P<int>\d+)|(?P<op>[+^()*·]))")
 
 
 class _Parser(TokenStream):
-    """Recursive descent over ``expr := term ('+' term)*``, ``term := factor+``,
-    ``factor := atom ('^' INT)?``, ``atom := LETTER | 'I' | '(' expr ')'``.
+    """Recursive descent over the polynomial grammar.
 
-    A polynomial is a Counter of words, so ``(I + G)F`` expands by distributing products.
+    ``expr := term ('+' term)*``, ``term := factor+``, ``factor := atom ('^' INT)?``,
+    ``atom := LETTER | 'I' | '(' expr ')'``. A polynomial is a Counter of words, so
+    ``(I + G)F`` expands by distributing products.
     """
 
     def __init__(self, text: str) -> None:
@@ -232,6 +235,7 @@ def parse(text: str) -> Polynomial:
         ValueError: Naming the position and the problem for an unknown token, an empty term,
             a missing identity term, a repeated term (the paper's modules have unit
             coefficients) or a polynomial with no block at all.
+
     """
     poly = _Parser(text).parse()
     if poly.get((), 0) != 1:
@@ -263,6 +267,7 @@ def named_expression(name: str) -> str:
 
     Raises:
         ValueError: For an unknown name, listing the valid forms.
+
     """
     key = name.strip().lower()
     if key == "ir":

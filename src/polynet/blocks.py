@@ -74,8 +74,10 @@ def scaled(chs: int, width_mult: float) -> int:
 
 
 def _resolve(spec: ConvSpec, width_mult: float, pad_strided: bool) -> ConvSpec:
-    """Apply the width multiplier, and pad stride-2 convs by 1 when asked, so that small
-    inputs halve exactly (28 -> 14 -> 7) instead of losing a border row."""
+    """Apply the width multiplier, and pad stride-2 convs by 1 when asked.
+
+    Padding makes small inputs halve exactly (28 -> 14 -> 7) instead of losing a border row.
+    """
     padding = 1 if pad_strided and spec.stride == 2 else spec.padding
     return replace(spec, out_chs=scaled(spec.out_chs, width_mult), padding=padding)
 
@@ -122,6 +124,7 @@ class Mixed(nn.Module):
         pad_strided: Pad stride-2 convs and pools by 1 (small-image variant).
         norm_layer: Norm factory, called with the channel count.
         act_layer: Activation factory.
+
     """
 
     def __init__(
@@ -150,6 +153,7 @@ class Mixed(nn.Module):
             self.out_chs += chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the branches and concatenate their outputs along channels."""
         return torch.cat([branch(x) for branch in self.branches], dim=1)
 
 
@@ -167,6 +171,7 @@ class InceptionBlock(nn.Module):
         num_orders: Number of per-order norm and up-projection sets.
         norm_layer: Norm factory.
         act_layer: Activation factory.
+
     """
 
     def __init__(
@@ -188,7 +193,9 @@ class InceptionBlock(nn.Module):
         for branch in specs:
             convs, in_chs = nn.ModuleList(), chs
             for s in branch:
-                convs.append(nn.Conv2d(in_chs, s.out_chs, s.kernel, s.stride, s.padding, bias=False))
+                convs.append(
+                    nn.Conv2d(in_chs, s.out_chs, s.kernel, s.stride, s.padding, bias=False)
+                )
                 in_chs = s.out_chs
             self.convs.append(convs)
             cat_chs += in_chs
@@ -204,11 +211,12 @@ class InceptionBlock(nn.Module):
         self.num_orders = num_orders
 
     def forward(self, x: torch.Tensor, order: int = 0) -> torch.Tensor:
+        """Apply the block with the norms and up-projection of power ``order``."""
         norms = self.norms[order]
         outs = []
-        for convs, bns in zip(self.convs, norms):
+        for convs, bns in zip(self.convs, norms, strict=True):
             h = x
-            for conv, bn in zip(convs, bns):
+            for conv, bn in zip(convs, bns, strict=True):
                 h = self.act(bn(conv(h)))
             outs.append(h)
         return self.proj[order](torch.cat(outs, dim=1))  # (N, chs, H, W), no activation
@@ -222,6 +230,7 @@ class ImageNetStem(nn.Module):
         width_mult: Multiplier for every width.
         norm_layer: Norm factory.
         act_layer: Activation factory.
+
     """
 
     min_input_size = 75
@@ -254,6 +263,7 @@ class ImageNetStem(nn.Module):
         self.out_chs = self.mixed3.out_chs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reduce an image batch to the stage-A resolution and width."""
         x = self.conv3(self.conv2(self.conv1(x)))  # (N, 64, 163, 163) at 331 px
         x = self.mixed1(x)  # (N, 160, 81, 81)
         x = self.mixed2(x)  # (N, 192, 79, 79)
@@ -268,6 +278,7 @@ class SmallStem(nn.Sequential):
         out_chs: Stage A width.
         norm_layer: Norm factory.
         act_layer: Activation factory.
+
     """
 
     min_input_size = 8

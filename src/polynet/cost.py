@@ -26,6 +26,7 @@ class Cost:
         params: Trainable and non-trainable parameter count (buffers excluded).
         macs: Multiply-accumulates for one image.
         count: How many modules were summed (units of a module type, 1 for a part).
+
     """
 
     params: int = 0
@@ -42,6 +43,7 @@ class CostReport:
         total: The whole network.
         parts: Stem, each stage, each reduction and the classifier.
         module_types: Per PolyInception polynomial (e.g. ``I + F + G``), over all units.
+
     """
 
     input_size: tuple[int, int, int]
@@ -85,6 +87,7 @@ def model_cost(model: PolyNet, input_size: tuple[int, int, int] | None = None) -
     Args:
         model: The network; it is run once in eval mode on a zero image.
         input_size: (C, H, W); defaults to the model's ``pretrained_cfg`` input size.
+
     """
     if input_size is None:
         input_size = tuple(model.pretrained_cfg["input_size"])  # type: ignore[assignment]

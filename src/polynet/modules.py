@@ -48,6 +48,7 @@ class PolyInception(nn.Module):
 
     Raises:
         ValueError: For a malformed expression or a letter without a block.
+
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class PolyInception(nn.Module):
         return x.new_empty(shape).bernoulli_(keep).div_(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cascaded evaluation: ``act(x + scale * sum of path outputs)``, each suffix once."""
         mask = self._path_weight(x)
         outputs: list[torch.Tensor] = []
         residual: torch.Tensor | None = None
@@ -157,6 +159,7 @@ class PolyInception(nn.Module):
         return self.act(x + self.scale * residual)
 
     def extra_repr(self) -> str:
+        """The polynomial, scale, sharing, block evaluations and drop probability."""
         return (
             f"{self.expression!r}, scale={self.scale}, sharing={self.sharing!r}, "
             f"block_evals={self.num_block_evals}, drop_prob={self._drop_prob}"

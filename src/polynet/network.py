@@ -69,6 +69,7 @@ class PolyNet(nn.Module):
         global_pool: timm pool type (``"avg"``, ``"max"``, ``"avgmax"``, ...).
         norm_layer: Norm factory or name.
         act_layer: Activation factory or name.
+
     """
 
     def __init__(
@@ -113,7 +114,8 @@ class PolyNet(nn.Module):
         chs = self.stem.out_chs
         stages, reductions, widths = [], [], []
         unit = 0
-        for stage_spec, reduction in zip(self.spec.stages, (REDUCTION_A, REDUCTION_B, None)):
+        stage_reductions = (REDUCTION_A, REDUCTION_B, None)  # none after stage C
+        for stage_spec, reduction in zip(self.spec.stages, stage_reductions, strict=True):
             block = partial(
                 InceptionBlock, chs, STAGE_BLOCKS[stage_spec.name], width_mult, **layers
             )
@@ -130,14 +132,18 @@ class PolyNet(nn.Module):
                 chs = reductions[-1].out_chs
         # Registration order is forward order: timm's feature extraction walks the children.
         self.stage_a, self.reduction_a, self.stage_b, self.reduction_b, self.stage_c = (
-            stages[0], reductions[0], stages[1], reductions[1], stages[2]
+            stages[0],
+            reductions[0],
+            stages[1],
+            reductions[1],
+            stages[2],
         )
         self.num_features = self.head_hidden_size = chs
 
         stem_reduction = 1 if small else 8
         self.feature_info = [
             dict(num_chs=c, reduction=stem_reduction * 2**i, module=f"stage_{name}")
-            for i, (name, c) in enumerate(zip("abc", widths))
+            for i, (name, c) in enumerate(zip("abc", widths, strict=True))
         ]
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
         self.head_drop = nn.Dropout(drop_rate)
@@ -167,11 +173,12 @@ class PolyNet(nn.Module):
 
         Args:
             rate: Drop probability of every non-identity path of the last unit, in [0, 1).
+
         """
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"path drop rate must be in [0, 1), got {rate}")
         units = self.units
-        for unit, p in zip(units, linear_rates(len(units), rate)):
+        for unit, p in zip(units, linear_rates(len(units), rate), strict=True):
             unit.drop_prob = p
         self.path_drop_rate = rate
 
@@ -185,8 +192,13 @@ class PolyNet(nn.Module):
         """Parameter groups for timm's layer-wise learning-rate decay."""
         return dict(
             stem=r"^stem",
-            blocks=[(r"^stage_a", (0,)), (r"^reduction_a", (1,)), (r"^stage_b", (2,)),
-                    (r"^reduction_b", (3,)), (r"^stage_c", (4,))]
+            blocks=[
+                (r"^stage_a", (0,)),
+                (r"^reduction_a", (1,)),
+                (r"^stage_b", (2,)),
+                (r"^reduction_b", (3,)),
+                (r"^stage_c", (4,)),
+            ]
             if coarse
             else [(r"^stage_(\w)\.(\d+)", None), (r"^reduction_(\w)", None)],
         )
@@ -243,6 +255,7 @@ class PolyNet(nn.Module):
         return x if pre_logits else self.last_linear(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch of images: (N, in_chans, H, W) -> (N, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
 

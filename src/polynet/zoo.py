@@ -69,6 +69,7 @@ class ModelDef:
         kwargs: Extra :class:`~polynet.network.PolyNet` arguments.
         cfg: The ``pretrained_cfg`` (input size, crop, interpolation, mean, std, ...).
         description: One line for ``polynet list``.
+
     """
 
     spec: str
@@ -101,7 +102,7 @@ MODELS: dict[str, ModelDef] = {
 }
 for _stage in "abc":
     for _module in PAPER_MODULES:
-        _depths = dict(a=f"ir x3", b="ir x6", c="ir x3")
+        _depths = dict(a="ir x3", b="ir x6", c="ir x3")
         _depths[_stage] = f"{_module} x{dict(a=3, b=6, c=3)[_stage]}"
         MODELS[f"polynet_3_6_3_{_stage}_{_module_id(_module)}"] = ModelDef(
             f"A: {_depths['a']} | B: {_depths['b']} | C: {_depths['c']}",
@@ -190,6 +191,7 @@ def create_model(
 
     Raises:
         ValueError: For an unknown name (listing valid ones) or bad arguments.
+
     """
     check_model_name(name)
     if pretrained and checkpoint_path is None:
