@@ -41,6 +41,7 @@ class StageSpec:
     Attributes:
         name: ``"A"``, ``"B"`` or ``"C"``.
         units: Module names (``"2-way"``) or bracketed polynomials (``"[I + F + GF]"``).
+
     """
 
     name: str
@@ -64,6 +65,7 @@ class NetworkSpec:
 
     Attributes:
         stages: Exactly three stages, A, B and C in order.
+
     """
 
     stages: tuple[StageSpec, ...]
@@ -94,6 +96,7 @@ class NetworkSpec:
 
         Raises:
             ValueError: Naming the position and the problem.
+
         """
         return _SpecParser(text).parse()
 
