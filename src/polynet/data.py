@@ -99,6 +99,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(grey, mode="L").convert("RGB")
     if img.mode == "F":
         grey = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(grey).all():  # NaN would cast to an arbitrary byte, inf to 255
+            raise ValueError("pixel values are not all finite (NaN or inf in a float image)")
         if grey.size and grey.max() <= 1.0:  # float images are usually in [0, 1]
             grey = grey * 255.0
         return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), mode="L").convert(

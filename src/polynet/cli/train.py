@@ -26,7 +26,10 @@ _HELP = {
 
 
 def _mapping(text: str) -> dict[str, Any]:
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)  # plain data only: python tags are refused
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(
             f"expected a mapping such as '{{width_mult: 0.0625}}', got {text!r}"

@@ -42,7 +42,22 @@ def init_distributed(device: torch.device) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps its store across worker restarts, still holding the addresses of
+            # the workers that died; a restarted gloo group could connect to those and hang.
+            # Keys under a prefix per attempt leave the old entries unread.
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False
+            )
+            dist.init_process_group(
+                backend=backend,
+                store=dist.PrefixStore(f"polynet/attempt{restart}", store),
+                rank=int(os.environ["RANK"]),
+                world_size=world,
+            )
+        else:
+            dist.init_process_group(backend=backend)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return info
 

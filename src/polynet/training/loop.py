@@ -250,7 +250,12 @@ class Trainer:
                 for name in RUN_FILES:
                     (self.out / name).unlink(missing_ok=True)
                 shutil.rmtree(self.out / "tb", ignore_errors=True)
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # a file in the path, a read-only or full file system, ...
+                raise OSError(
+                    f"cannot create output folder {self.out}: {err.strerror}; choose another --out"
+                ) from err
             if not os.access(self.out, os.W_OK):
                 raise PermissionError(f"output folder {self.out} is not writable")
             self.log_file = open(self.out / "train.log", "a")  # noqa: SIM115 - closed in close()
