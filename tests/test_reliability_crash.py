@@ -106,7 +106,7 @@ def _install_hook(mode: str, signals: Path) -> None:
     def counted_step(self, images, labels):
         out = real_step(self, images, labels)
         with open(signals / "steps", "a") as f:
-            f.write(f"{self.state['global_step'] + 1}\n")
+            f.write(f"{time.monotonic()}\n")
         return out
 
     loop.Trainer._train_step = counted_step
@@ -127,11 +127,11 @@ def _fork_training(values: dict, mode: str, signals: Path) -> int:
     return pid
 
 
-def _steps_done(signals: Path) -> int:
+def _step_times(signals: Path) -> list[float]:
     try:
-        return len((signals / "steps").read_text().split())
+        return [float(t) for t in (signals / "steps").read_text().split()]
     except FileNotFoundError:
-        return 0
+        return []
 
 
 def _kill_when(pid: int, ready, delay: float = 0.0, timeout: float = 240.0) -> bool:
@@ -157,7 +157,8 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_equal(tmp_path):
     out, signals = tmp_path / "killed", tmp_path / "signals"
     signals.mkdir()
     rng = random.Random(9)
-    # Moments: after a random number of steps plus a random delay (so inside a forward,
+    step_seconds = 0.05  # updated from the child's step times
+    # Moments: after a random number of steps plus a random part of a step (so inside a forward,
     # backward, optimizer step or checkpoint write), and two forced ones inside a save.
     plan = ["random", "mid-write", "random", "between-renames", "random", "random"]
     kills, seen_mid_write_tmp, seen_between = 0, False, False
@@ -168,8 +169,14 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_equal(tmp_path):
             assert not _kill_when(pid, lambda: False)
             break
         if mode == "random":
-            after = rng.randint(1, 4)
-            killed = _kill_when(pid, lambda a=after: _steps_done(signals) >= a, rng.uniform(0, 0.2))
+            # At most 3 steps per attempt, so the run cannot end before the planned kills.
+            after, fraction = rng.randint(1, 2), rng.random()
+            killed = _kill_when(
+                pid, lambda a=after: len(_step_times(signals)) >= a, fraction * step_seconds
+            )
+            times = _step_times(signals)
+            if len(times) >= 2:
+                step_seconds = times[-1] - times[-2]
         else:
             killed = _kill_when(pid, (signals / "paused").exists, 0.0)
             names = {p.name for p in out.iterdir()}
