@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,14 @@ def read_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for bad files
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            # torch's text suggests loading unsafely; say only what was refused and why.
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            names = f" (it names {found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it is a pickle that carries code, which is "
+                f"refused{names}; polynet loads only tensors and plain containers"
+            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first[:300]} (truncated, corrupt, or a pickle "
