@@ -266,7 +266,7 @@ def _torchrun(tmp_path, out, kill_step):
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
     flags = []
-    for key, value in dict(DDP_RUN, out=str(out), resume=True).items():
+    for key, value in dict(DDP_RUN, out=str(out)).items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))
@@ -288,6 +288,7 @@ def _torchrun(tmp_path, out, kill_step):
 
 def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path):
     # 8 steps; checkpoints at steps 2, 4 (epoch end), 6 and 8. Worker 1 dies before step 4.
+    # The command has no --resume: a restarted worker continues the run by itself.
     log = _torchrun(tmp_path, tmp_path / "killed", kill_step=4)
     assert "Signals.SIGKILL" in log or "exitcode: -9" in log
     assert "resumed" in log and "step 2" in log
@@ -296,3 +297,14 @@ def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(tmp_path):
     whole = load_checkpoint(tmp_path / "whole" / "last.pt")
     assert killed["train_state"]["global_step"] == 8
     assert_same_training_state(whole, killed)
+
+
+def test_a_restarted_worker_continues_the_run_even_with_overwrite(tmp_path, monkeypatch):
+    values = dict(RUN, out=str(tmp_path / "run"), epochs=1, checkpoint_every=0)
+    loop.train(values)
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun sets on a restart
+    assert loop.train(dict(values, overwrite=True)).steps == 6
+    assert "resumed" in (tmp_path / "run" / "train.log").read_text().splitlines()[-1]
+    assert last.read_bytes() == before  # not deleted and retrained

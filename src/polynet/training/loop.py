@@ -16,6 +16,7 @@ where the saved one stopped (bitwise on CPU in deterministic mode).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -157,6 +158,10 @@ class Trainer:
     """One training job; :func:`train` is the usual entry point."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not cfg.resume:
+            # torchrun restarted the workers after a failure: continue this run from its last
+            # checkpoint (--overwrite would otherwise delete what the first attempt trained).
+            cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
         self.cfg = cfg
         self.start_time = time.time()
         if cfg.threads:
