@@ -35,7 +35,6 @@ from polynet.ablation.studies import (
     StudyConfig,
     build_study,
     create_study_model,
-    trainer_builds_resnets,
 )
 from polynet.checkpoint import atomic_write, load_checkpoint
 from polynet.cost import count_macs, count_params, model_cost
@@ -445,35 +444,34 @@ def run_study(
         _say(f"{len(cached)} config/seed results cached in {out / 'results'}; not rerun")
 
     costs: dict[str, dict[str, Any]] = {}
-    with trainer_builds_resnets():
-        for index, (config, seed, key, run_dir, cfg, identity, result_file) in enumerate(pending):
-            _say(f"[{index + 1}/{len(pending)}] training {key} ({config.label})")
-            start = time.time()
-            overrides = dict(overwrite=True) if options.rerun else dict(resume=True)
-            outcome = train(cfg, **overrides)
-            if not is_main:
-                continue
-            if config.name not in costs:
-                costs[config.name] = model_costs(config, len(classes))
-            row: dict[str, Any] = dict(
-                config=config.name,
-                seed=seed,
-                **{k: v for k, v in asdict(config).items() if k != "name"},
-                **costs[config.name],
-                **_evaluate_run(run_dir, options.data, options),
-                steps=outcome.steps,
-                epochs=outcome.epochs,
-                train_seconds=outcome.seconds,
-                wall_seconds=time.time() - start,
-                recipe=identity,
-                fingerprint=_fingerprint(identity),
-            )
-            _write_json(result_file, row)
-            rows.append(row)
-            trained.append(key)
-            _say(f"{key}: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
-            if after_config is not None:
-                after_config(row)
+    for index, (config, seed, key, run_dir, cfg, identity, result_file) in enumerate(pending):
+        _say(f"[{index + 1}/{len(pending)}] training {key} ({config.label})")
+        start = time.time()
+        overrides = dict(overwrite=True) if options.rerun else dict(resume=True)
+        outcome = train(cfg, model_factory=create_study_model, **overrides)
+        if not is_main:
+            continue
+        if config.name not in costs:
+            costs[config.name] = model_costs(config, len(classes))
+        row: dict[str, Any] = dict(
+            config=config.name,
+            seed=seed,
+            **{k: v for k, v in asdict(config).items() if k != "name"},
+            **costs[config.name],
+            **_evaluate_run(run_dir, options.data, options),
+            steps=outcome.steps,
+            epochs=outcome.epochs,
+            train_seconds=outcome.seconds,
+            wall_seconds=time.time() - start,
+            recipe=identity,
+            fingerprint=_fingerprint(identity),
+        )
+        _write_json(result_file, row)
+        rows.append(row)
+        trained.append(key)
+        _say(f"{key}: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
+        if after_config is not None:
+            after_config(row)
     if is_main:
         order = {c.name: i for i, c in enumerate(study.configs)}
         rows.sort(key=lambda r: (order[r["config"]], r["seed"]))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -121,23 +120,6 @@ def create_study_model(name: str, **kwargs: Any) -> nn.Module:
     if name == RESNET_MODEL:
         return PreActResNet(**kwargs)
     return create_model(name, **kwargs)
-
-
-@contextmanager
-def trainer_builds_resnets():
-    """Let :func:`polynet.train.train` build :data:`RESNET_MODEL` as well as registered names.
-
-    The training loop builds models with :func:`polynet.zoo.create_model`, which knows only the
-    registry; this swaps in :func:`create_study_model` for the duration of the block.
-    """
-    import polynet.training.loop as loop
-
-    original = loop.create_model
-    loop.create_model = create_study_model
-    try:
-        yield
-    finally:
-        loop.create_model = original
 
 
 @dataclass(frozen=True)

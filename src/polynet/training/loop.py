@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,18 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) -> TrainResult:
+def train(
+    config: TrainConfig | dict[str, Any] | None = None,
+    model_factory: Callable[..., nn.Module] = create_model,
+    **overrides: Any,
+) -> TrainResult:
     """Train a model; see :class:`~polynet.training.config.TrainConfig` for every setting.
 
     Args:
         config: A config, or a mapping of config keys (``preset`` and ``config_file`` allowed).
+        model_factory: Builds ``cfg.model`` from its name and keyword arguments; the registry's
+            :func:`~polynet.zoo.create_model` unless a workflow trains other networks too (the
+            ablation's ResNet baselines).
         **overrides: Config keys that win over ``config``.
 
     Returns:
@@ -118,7 +126,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, **overrides: Any) 
         cfg = build_config(**{**config.to_dict(), **overrides}) if overrides else config
     else:
         cfg = build_config(**{**(config or {}), **overrides})
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, model_factory)
     try:
         return trainer.run()
     finally:
@@ -157,7 +165,10 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     """One training job; :func:`train` is the usual entry point."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(
+        self, cfg: TrainConfig, model_factory: Callable[..., nn.Module] = create_model
+    ) -> None:
+        self.model_factory = model_factory
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not cfg.resume:
             # torchrun restarted the workers after a failure: continue this run from its last
             # checkpoint (--overwrite would otherwise delete what the first attempt trained).
@@ -295,7 +306,7 @@ class Trainer:
             name = init_payload["model_name"]
             kwargs = {**init_payload.get("model_kwargs", {}), **kwargs}
         kwargs["num_classes"] = len(self.classes)
-        model = create_model(name, **kwargs)
+        model = self.model_factory(name, **kwargs)
         if init_payload is not None:
             weights = init_payload["model"]
             head = [k for k in weights if k.startswith("last_linear.")]
