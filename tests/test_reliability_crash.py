@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import polynet
+from _shared import TINY
 from polynet.checkpoint import load_checkpoint
 from polynet.cli import main
 from polynet.training import loop
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(
     reason="dataset-fashion-mnist missing",
 )
 
-TINY = dict(width_mult=0.03125, spec="A: 2-way | B: poly-2 | C: 2-way")
+
 # 96 images in batches of 16 for 3 epochs: 18 steps, a checkpoint every 2 steps; stochastic
 # paths switch on in epoch 2 so that restored RNG states matter.
 RUN = dict(

@@ -17,16 +17,12 @@ import yaml
 from PIL import Image
 
 import polynet
+from _shared import TINY, needs_fashion
 from polynet.checkpoint import load_checkpoint, save_checkpoint
 from polynet.cli import main
 from polynet.data import MAX_IMAGE_PIXELS
 from polynet.training.config import TrainConfig
 
-FASHION = polynet.data.fashion_mnist_dir()
-needs_fashion = pytest.mark.skipif(
-    not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist missing"
-)
-TINY = dict(width_mult=0.03125, spec="A: 2-way | B: poly-2 | C: 2-way")
 QUICK = dict(
     model="polynet_small",
     model_kwargs=TINY,

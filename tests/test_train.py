@@ -7,6 +7,7 @@ import yaml
 from PIL import Image
 
 import polynet
+from _shared import TINY, needs_fashion
 from polynet.checkpoint import load_checkpoint
 from polynet.cli import main
 from polynet.training import loop
@@ -15,11 +16,7 @@ from polynet.training.recipe import build_optimizer, build_scheduler
 
 torch.set_num_threads(1)
 
-FASHION = polynet.data.fashion_mnist_dir()
-needs_fashion = pytest.mark.skipif(
-    not (FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist missing"
-)
-TINY = dict(width_mult=0.03125, spec="A: 2-way | B: poly-2 | C: 2-way")
+
 QUICK = dict(
     model="polynet_small",
     model_kwargs=TINY,
