@@ -5,7 +5,7 @@ import timm
 import torch
 
 import polynet
-from polynet.cost import model_cost
+from polynet.cost import count_macs, count_params, model_cost
 from polynet.network import released_scales
 
 ALL = polynet.list_models()
@@ -175,6 +175,24 @@ def test_small_variant_keeps_resolution_and_takes_any_channels():
         assert [f.shape[-1] for f in feats(torch.randn(1, 1, 64, 64))] == [64, 32, 16]
 
 
+def test_small_stem_stride_two_halves_every_stage_and_its_cost():
+    kwargs = dict(width_mult=0.125, sharing="released")
+    full = polynet.create_model("polynet_small", **kwargs).eval()
+    half = polynet.create_model("polynet_small", stem_stride=2, **kwargs).eval()
+    feats = polynet.create_model("polynet_small", features_only=True, stem_stride=2).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert half(x).shape == (2, 10)
+        assert [f.shape[-1] for f in feats(x)] == [14, 7, 4]
+    assert [i["reduction"] for i in feats.feature_info] == [2, 4, 8]
+    # Same parameters, a quarter of the work in every stage (the stem's first conv excepted).
+    assert count_params(half) == count_params(full)
+    assert count_macs(half, x[:1]) < 0.3 * count_macs(full, x[:1])
+    assert half.min_input_size == 16
+    with pytest.raises(ValueError, match="input 8x8 is smaller than the 16x16"):
+        half(torch.randn(1, 1, 8, 8))
+
+
 def test_path_drop_schedule_is_linear_and_eval_is_unchanged():
     model = _narrow("polynet_3_6_3_b_poly3").eval()
     x = _input(model)
@@ -205,3 +223,7 @@ def test_errors_say_what_is_wrong_and_list_choices():
         polynet.create_model("polynet_very_deep", pretrained=True)
     with pytest.raises(ValueError, match="width_mult"):
         polynet.create_model("polynet_small", width_mult=0)
+    with pytest.raises(ValueError, match="small stem's stride must be 1 or 2, got 3"):
+        polynet.create_model("polynet_small", stem_stride=3)
+    with pytest.raises(ValueError, match="stem_stride applies to the small stem only"):
+        polynet.create_model("polynet_ir_3_6_3", stem_stride=2)

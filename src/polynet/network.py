@@ -61,7 +61,9 @@ class PolyNet(nn.Module):
         width_mult: Multiplier for every width (1.0 is the released model).
         stem: ``"imagenet"`` for the Inception-ResNet-v2 stem (inputs from 75 px), ``"small"``
             for a resolution-keeping stem with padded reductions (28-64 px inputs).
-        sharing: Parameter sharing of repeated letters (``"full"`` or ``"released"``).
+        stem_stride: Stride of the small stem (2 halves stage A's resolution).
+        sharing: Parameter sharing of repeated letters (``"full"``, ``"released"`` or
+            ``"norms"``; see :class:`~polynet.modules.PolyInception`).
         residual_scale: The paper's beta for every unit, a per-unit sequence, or
             ``"released"`` for the released model's linear 1.0 -> 0.7 decay.
         drop_rate: Dropout before the classifier.
@@ -79,6 +81,7 @@ class PolyNet(nn.Module):
         in_chans: int = 3,
         width_mult: float = 1.0,
         stem: StemKind = "imagenet",
+        stem_stride: int = 1,
         sharing: Sharing = "full",
         residual_scale: float | Sequence[float] | Literal["released"] = 0.3,
         drop_rate: float = 0.2,
@@ -95,6 +98,8 @@ class PolyNet(nn.Module):
             raise ValueError(f"in_chans must be at least 1, got {in_chans}")
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        if stem_stride != 1 and stem != "small":
+            raise ValueError(f"stem_stride applies to the small stem only, got stem={stem!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
         norm_layer, act_layer = resolve_layers(norm_layer, act_layer)
@@ -107,7 +112,9 @@ class PolyNet(nn.Module):
 
         small = stem == "small"
         if small:
-            self.stem: nn.Module = SmallStem(in_chans, scaled(384, width_mult), **layers)
+            self.stem: nn.Module = SmallStem(
+                in_chans, scaled(384, width_mult), **layers, stride=stem_stride
+            )
         else:
             self.stem = ImageNetStem(in_chans, width_mult, **layers)
         self.min_input_size = self.stem.min_input_size
@@ -140,7 +147,7 @@ class PolyNet(nn.Module):
         )
         self.num_features = self.head_hidden_size = chs
 
-        stem_reduction = 1 if small else 8
+        stem_reduction = stem_stride if small else 8
         self.feature_info = [
             dict(num_chs=c, reduction=stem_reduction * 2**i, module=f"stage_{name}")
             for i, (name, c) in enumerate(zip("abc", widths, strict=True))
