@@ -30,6 +30,7 @@ CASES = [
     ("polynet_small", {}, 28),  # 2-way, mpoly-2, poly-2 with the small stem
     ("polynet_very_deep", dict(width_mult=1 / 16), 75),  # released poly-3 sharing, 2-way
     ("polynet", dict(spec=MIXED, **SMALL), 28),  # 3-way, mpoly-3, poly-3 with full sharing
+    ("polynet", dict(spec=MIXED, sharing="norms", **SMALL), 28),  # a BatchNorm per power
 ]
 
 

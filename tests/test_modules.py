@@ -31,7 +31,7 @@ def _x(batch=2):
     )
 
 
-@pytest.mark.parametrize("sharing", ["full", "released"])
+@pytest.mark.parametrize("sharing", ["full", "released", "norms"])
 @pytest.mark.parametrize("module", ["ir", *PAPER_MODULES, "poly-4", "mpoly-4", "4-way"])
 def test_cascaded_equals_naive_for_named_modules(module, sharing):
     unit = _unit(module, sharing)
@@ -43,7 +43,7 @@ def test_cascaded_equals_naive_for_named_modules(module, sharing):
 def test_cascaded_equals_naive_for_random_expressions(seed):
     rng = random.Random(seed)
     words = {"".join(rng.choice("FGH") for _ in range(rng.randint(1, 3))) for _ in range(5)}
-    unit = _unit("I + " + " + ".join(sorted(words)), rng.choice(["full", "released"]))
+    unit = _unit("I + " + " + ".join(sorted(words)), rng.choice(["full", "released", "norms"]))
     x = _x()
     torch.testing.assert_close(unit(x), unit.forward_naive(x), rtol=0, atol=1e-5)
 
@@ -71,6 +71,27 @@ def test_sharing_modes_differ_in_parameters_as_the_paper_and_the_release_say():
     assert n(full) == block  # one F, shared by all powers
     assert n(mpoly) == 3 * block  # three independent blocks
     assert block < n(released) < 3 * block  # shared convs, per-order norms and projections
+    norms = _unit("poly-3", "norms")
+    bn_params = sum(p.numel() for m in BLOCK().modules() if isinstance(m, nn.BatchNorm2d)
+                    for p in m.parameters())  # fmt: skip
+    assert n(norms) == block + 2 * bn_params  # every weight shared, two more sets of norms
+
+
+def test_norms_sharing_is_the_papers_poly_k_with_a_batchnorm_per_power():
+    full, norms = _unit("poly-2", "full"), _unit("poly-2", "norms")
+    block = norms.blocks["F"]
+    assert block.proj[1].conv is block.proj[0].conv
+    # With equal norms in both powers it computes exactly the fully shared F(F(x)).
+    shared = full.blocks["F"]
+    for order in range(2):
+        block.norms[order].load_state_dict(shared.norms[0].state_dict())
+        block.proj[order].bn.load_state_dict(shared.proj[0].bn.state_dict())
+    x = _x()
+    torch.testing.assert_close(norms(x), full(x), rtol=0, atol=1e-12)
+    # In training each power keeps its own running statistics: x and F(x) differ.
+    norms.train()(x)
+    first, second = (block.proj[order].bn.running_mean for order in range(2))
+    assert not torch.allclose(first, second)
 
 
 def test_residual_scale_multiplies_every_path():

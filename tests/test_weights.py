@@ -26,6 +26,7 @@ from polynet.weights import (
     port_key_map,
     preprocessing,
     read_weights,
+    save_weights,
 )
 
 SMALL_CLASSES = [f"item {i}" for i in range(10)]
@@ -374,3 +375,16 @@ def test_released_preprocessing_is_squash_378_then_centre_crop_331(tmp_path):
     assert tuple(resize.size) == (378, 378) and tuple(crop.size) == (331, 331)
     image = Image.fromarray(np.zeros((300, 500, 3), dtype=np.uint8))
     assert transform(image).shape == (3, 331, 331)
+
+
+def test_tied_weights_of_norms_sharing_round_trip_through_safetensors(tmp_path):
+    kwargs = dict(sharing="norms", width_mult=0.0625)
+    model = polynet.create_model("polynet_small", **kwargs).eval()
+    path = tmp_path / "small.safetensors"
+    save_weights(path, model.state_dict(), "polynet_small", kwargs)
+    loaded, _ = model_from_weights(path)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    block = loaded.stage_b[1].blocks["F"]  # the poly-2 unit
+    assert block.proj[1].conv is block.proj[0].conv  # still one module after loading

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from polynet.blocks import ConvNormAct, InceptionBlock, Mixed
-from polynet.modules import PolyInception
+from polynet.modules import PER_ORDER_SHARINGS, PolyInception
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
@@ -172,7 +172,7 @@ class FoldedPolyInception(nn.Module):
         self.out_act = _inplace_act(unit.act)
         self.steps = nn.ModuleList(
             FoldedInceptionBlock(
-                unit.blocks[s.letter], s.order if unit.sharing == "released" else 0
+                unit.blocks[s.letter], s.order if unit.sharing in PER_ORDER_SHARINGS else 0
             )
             for s in self.plan
         )

@@ -15,7 +15,10 @@ from torch import nn
 
 from polynet.algebra import PlanStep, Polynomial, named_expression, parse
 
-Sharing = Literal["full", "released"]
+Sharing = Literal["full", "released", "norms"]
+SHARINGS: tuple[str, ...] = ("full", "released", "norms")
+# Sharing modes in which a repeated letter keeps per-power BatchNorms (its forward takes order).
+PER_ORDER_SHARINGS = ("released", "norms")
 BlockFactory = Callable[..., nn.Module]
 
 
@@ -34,14 +37,17 @@ class PolyInception(nn.Module):
         expression: A polynomial such as ``"I + F + GF + HGF"`` or a module name (``"ir"``,
             ``"2-way"``, ``"poly-3"``, ``"mpoly-2"``, ...).
         block: Either a factory called once per distinct letter, or a mapping from letter to a
-            module or factory. With ``sharing="released"`` a factory is called with
-            ``num_orders=`` (the letter's highest power) and its module's forward takes
-            ``(x, order)``.
+            module or factory. With ``sharing="released"`` or ``"norms"`` a factory is called
+            with ``num_orders=`` (the letter's highest power; ``"norms"`` adds
+            ``share_projection=True``) and its module's forward takes ``(x, order)``.
         scale: Residual scale applied to every non-identity path (the paper's beta).
         sharing: ``"full"``: a repeated letter is one block, as in the paper (``F^2 = F(F(x))``).
             ``"released"``: a repeated letter shares its convolutions but each power has its own
             norms and up-projection, and the activation is applied between successive blocks
             (the released Very Deep PolyNet's poly-3).
+            ``"norms"``: every weight of a repeated letter is shared, as in the paper, but each
+            power has its own BatchNorms. One shared BatchNorm would average the statistics of
+            ``x`` and ``F(x)`` in its running estimates, and evaluation suffers (docs/training.md).
         act_layer: Activation after the residual sum (the unit's output nonlinearity).
         drop_prob: Probability of dropping each non-identity path per sample in training
             (stochastic paths, section 4). Kept paths are scaled by ``1 / (1 - drop_prob)``.
@@ -61,8 +67,8 @@ class PolyInception(nn.Module):
         drop_prob: float = 0.0,
     ) -> None:
         super().__init__()
-        if sharing not in ("full", "released"):
-            raise ValueError(f"sharing must be 'full' or 'released', got {sharing!r}")
+        if sharing not in SHARINGS:
+            raise ValueError(f"sharing must be one of {', '.join(SHARINGS)}; got {sharing!r}")
         self.polynomial: Polynomial = parse(resolve_expression(expression))
         self.sharing = sharing
         self.scale = float(scale)
@@ -89,6 +95,8 @@ class PolyInception(nn.Module):
             made = block
         if self.sharing == "released":
             return made(num_orders=self.polynomial.num_orders(letter))
+        if self.sharing == "norms":
+            return made(num_orders=self.polynomial.num_orders(letter), share_projection=True)
         return made()
 
     @property
@@ -118,7 +126,7 @@ class PolyInception(nn.Module):
         if inner and self.sharing == "released":
             h = self.act(h)
         block = self.blocks[step_letter]
-        return block(h, order) if self.sharing == "released" else block(h)
+        return block(h, order) if self.sharing in PER_ORDER_SHARINGS else block(h)
 
     def _path_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-sample keep mask over the paths, pre-scaled for inverted dropout, or None."""

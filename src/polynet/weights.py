@@ -478,7 +478,14 @@ def save_weights(
     }
     if class_names is not None:
         metadata["class_names"] = json.dumps(list(class_names))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        tensor = value.detach().cpu().contiguous()
+        if tensor.data_ptr() in seen:  # a tied weight (sharing="norms"): safetensors stores copies
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[key] = tensor
     data = safetensors.torch.save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from polynet.checkpoint import load_model, save_checkpoint
 from polynet.grow import grow
+from polynet.modules import SHARINGS
 from polynet.zoo import MODELS
 
 # Source constructor arguments that cannot be read back from a built model, or only
@@ -51,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--sharing",
-        choices=("full", "released"),
+        choices=SHARINGS,
         help="parameter sharing of repeated letters in the grown model (default: "
         "the target model's, else the source's); 'released' lets poly-k start exact",
     )
