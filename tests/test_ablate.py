@@ -91,8 +91,9 @@ def test_two_config_study_end_to_end_then_rerun_uses_cache(tmp_path, monkeypatch
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["config"] for r in rows] == CONFIGS
     base, poly3 = rows
-    # poly-3 reuses one block three times: same parameters, more computation.
-    assert int(base["params"]) == int(poly3["params"]) > 0
+    # poly-3 reuses one block three times: the same weights plus a BatchNorm per extra power
+    # (3 % at this narrow width), and more computation.
+    assert int(base["params"]) < int(poly3["params"]) < 1.05 * int(base["params"])
     assert int(poly3["macs"]) > int(base["macs"]) > 0
     for row in rows:
         assert 0 <= float(row["top1"]) <= float(row["top5"]) <= 100

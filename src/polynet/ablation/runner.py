@@ -43,15 +43,32 @@ from polynet.evaluation import SingleCrop, evaluate
 from polynet.network import PolyNet
 from polynet.train import TrainConfig, build_config, train
 
-# One recipe for every config of a study. The small scale is the ``fashion-mnist`` preset cut
-# to a fixed number of steps so that the 19 configs of ``stages`` take about an hour on two
-# CPU cores; the full scale is the paper's recipe (Sec. 4), whose length is set by the caller.
+# One recipe for every config of a study. The small scale is the first tuned Fashion-MNIST
+# recipe (the paper's RMSProp with epsilon 1.0, cosine decay, mild crops, label smoothing),
+# written out here rather than taken from the ``fashion-mnist`` preset so that re-tuning the
+# quick start never changes a study's recipe or invalidates its cache; it is cut to a fixed
+# number of steps so that the 19 configs of ``stages`` take about an hour on two CPU cores.
+# The full scale is the paper's recipe (Sec. 4), whose length is set by the caller.
 SMALL_RECIPE: dict[str, Any] = dict(
-    preset="fashion-mnist",
+    model="polynet_small",
+    data="fashion-mnist",
+    epochs=5,  # unused while ``steps`` is set
     steps=300,
     batch_size=64,
-    warmup=30,  # steps, since the run length is in steps
+    optimizer="rmsproptf",
+    lr_base=0.45,
+    lr_base_batch=256,
     lr_schedule="cosine",
+    warmup=30,  # steps, since the run length is in steps
+    weight_decay=4e-5,
+    label_smoothing=0.1,
+    crop_scale=(0.7, 1.0),
+    hflip=0.5,
+    path_drop_gap=3.0,
+    bn_recalibrate=2048,
+    workers=0,
+    channels_last=True,
+    log_every=20,
     threads=2,
     checkpoint_every=100,  # a killed config resumes within 100 steps, not from its start
 )
