@@ -432,8 +432,9 @@ def run_study(
                     )
                     raise ValueError(
                         f"{result_file} was made with a different recipe (differs in "
-                        f"{', '.join(differs) or 'model'}); pass --rerun to replace it or "
-                        "choose another --out"
+                        f"{', '.join(differs) or 'model'}); retrain it with --rerun --configs "
+                        f"{config.name} (--rerun alone retrains every config) or choose another "
+                        "--out"
                     )
                 rows.append(saved)
                 cached.append(key)
