@@ -310,5 +310,4 @@ class SmallStem(nn.Sequential):
         self.conv1 = ConvNormAct(in_chans, ConvSpec(mid, 3, 1, 1), norm_layer, act_layer)
         self.conv2 = ConvNormAct(mid, ConvSpec(out_chs, 3, stride, 1), norm_layer, act_layer)
         self.out_chs = out_chs
-        self.stride = stride
         self.min_input_size = 8 * stride

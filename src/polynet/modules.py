@@ -8,7 +8,7 @@ separately and is the reference the cascaded form must equal.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 from polynet.algebra import PlanStep, Polynomial, named_expression, parse
 
 Sharing = Literal["full", "released", "norms"]
-SHARINGS: tuple[str, ...] = ("full", "released", "norms")
+SHARINGS: tuple[str, ...] = get_args(Sharing)
 # Sharing modes in which a repeated letter keeps per-power BatchNorms (its forward takes order).
 PER_ORDER_SHARINGS = ("released", "norms")
 BlockFactory = Callable[..., nn.Module]

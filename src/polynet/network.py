@@ -60,7 +60,7 @@ class PolyNet(nn.Module):
         in_chans: Input channels.
         width_mult: Multiplier for every width (1.0 is the released model).
         stem: ``"imagenet"`` for the Inception-ResNet-v2 stem (inputs from 75 px), ``"small"``
-            for a resolution-keeping stem with padded reductions (28-64 px inputs).
+            for two 3x3 convs and padded reductions (28-64 px inputs).
         stem_stride: Stride of the small stem (2 halves stage A's resolution).
         sharing: Parameter sharing of repeated letters (``"full"``, ``"released"`` or
             ``"norms"``; see :class:`~polynet.modules.PolyInception`).
