@@ -309,11 +309,15 @@ def _adapt(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None
             del state[key]
         elif state[key].shape != expected[key].shape:
             if suffix == "weight":
-                warnings.warn(
-                    f"{path} has a {state[key].shape[0]}-class classifier; it is re-initialised "
-                    f"for num_classes={expected[key].shape[0]} and must be trained",
-                    stacklevel=4,
+                (have_out, have_in), (want_out, want_in) = state[key].shape, expected[key].shape
+                what = (
+                    f"a {have_out}-class classifier; it is re-initialised for num_classes="
+                    f"{want_out}"
+                    if have_out != want_out
+                    else f"a classifier of {have_in} features where the model has {want_in} (a "
+                    "different width?); it is re-initialised"
                 )
+                warnings.warn(f"{path} has {what} and must be trained", stacklevel=4)
             state[key] = expected[key]  # keep the model's fresh initialisation
     first_conv = f"{cfg.get('first_conv', 'stem.conv1.conv')}.weight"
     if first_conv in state and first_conv in expected:
