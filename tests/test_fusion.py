@@ -115,6 +115,10 @@ def test_grad_checkpointing_keeps_outputs_and_grads():
     checkpointed.set_grad_checkpointing(True)
     x = torch.randn(2, 1, 28, 28)
     _assert_same(_outputs_and_grads(checkpointed, x), _outputs_and_grads(model, x))
+    # The recomputation must not feed the batch into the running statistics a second time.
+    buffers = dict(model.named_buffers())
+    for name, buffer in checkpointed.named_buffers():
+        assert torch.allclose(buffer.float(), buffers[name].float(), atol=1e-6, rtol=0), name
 
 
 def test_cascaded_equals_naive_after_inplace_change():

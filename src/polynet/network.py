@@ -8,14 +8,15 @@ follows timm's model contract: ``forward_features`` / ``forward_head``, ``reset_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Literal
 
 import torch
 from timm.layers import SelectAdaptivePool2d
-from timm.models._manipulate import checkpoint_seq
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from polynet.blocks import (
     REDUCTION_A,
@@ -251,9 +252,13 @@ class PolyNet(nn.Module):
         return self._stage(self.stage_c, x)
 
     def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
+        if not self.grad_checkpointing or torch.jit.is_scripting():
+            return stage(x)
+        for unit in stage:  # one segment per unit: only unit inputs stay stored
+            x = checkpoint(
+                unit, x, use_reentrant=False, context_fn=partial(_recompute_contexts, unit)
+            )
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool, dropout and classify; ``pre_logits`` stops before the classifier."""
@@ -264,6 +269,29 @@ class PolyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for a batch of images: (N, in_chans, H, W) -> (N, num_classes)."""
         return self.forward_head(self.forward_features(x))
+
+
+@contextmanager
+def restored_buffers(module: nn.Module) -> Iterator[None]:
+    """Put every buffer of ``module`` back as it was when the block exits.
+
+    Checkpointing runs a unit's forward twice per step; without this its BatchNorms would take
+    the batch into their running statistics twice (momentum 0.19 instead of 0.1) and the model
+    would evaluate differently from one trained without checkpointing. The recomputation must
+    still run the norms exactly as the first pass did (same saved tensors), hence a restore
+    rather than switching the updates off.
+    """
+    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _recompute_contexts(unit: nn.Module) -> tuple[AbstractContextManager, AbstractContextManager]:
+    return nullcontext(), restored_buffers(unit)
 
 
 def _fx_tracing() -> bool:
