@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 import polynet
-from polynet.fuse import FoldedPolyInception, fold_conv_bn, join_convs, optimize_for_inference
+from polynet.fuse import (
+    FoldedPolyInception,
+    PackedConv2d,
+    fold_conv_bn,
+    join_convs,
+    optimize_for_inference,
+)
 
 TOL = 1e-4
 SMALL = dict(stem="small", width_mult=1 / 16, in_chans=1, num_classes=10, drop_rate=0.0)
@@ -130,3 +136,32 @@ def test_cascaded_equals_naive_after_inplace_change():
             h = torch.randn(2, unit.blocks["F"].proj[0].conv.out_channels, 7, 7)
             assert torch.allclose(unit(h), unit.forward_naive(h), atol=TOL, rtol=0)
         model(x)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU build)")
+def test_prepacked_convolutions_compute_the_same_and_stay_ordinary_modules():
+    torch.manual_seed(0)
+    model = _randomise_norms(polynet.create_model("polynet_very_deep", width_mult=1 / 16)).eval()
+    plain = optimize_for_inference(model, prepack=False)
+    packed = optimize_for_inference(model)
+    convs = [m for m in packed.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(isinstance(m, PackedConv2d) for m in convs)
+    x = torch.randn(2, 3, 75, 75)
+    with torch.inference_mode():
+        expected = plain(x)
+        assert torch.allclose(packed(x), expected, atol=1e-5, rtol=0)
+        assert torch.allclose(packed(x[:1]), expected[:1], atol=1e-5, rtol=0)  # new shape
+    assert packed.state_dict().keys() == plain.state_dict().keys()
+    # Gradients take the ordinary path and still flow.
+    x.requires_grad_(True)
+    packed(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # A copy leaves the packed weight behind; a changed weight is re-packed, not reused stale.
+    conv = copy.deepcopy(convs[-1])
+    assert hasattr(convs[-1], "_packed") and not hasattr(conv, "_packed")
+    h = torch.randn(2, conv.in_channels, 5, 5).contiguous(memory_format=torch.channels_last)
+    bias = conv.bias.view(1, -1, 1, 1)
+    with torch.inference_mode():
+        before = conv(h)
+        conv.weight.mul_(2.0)
+        assert torch.allclose(conv(h), 2 * (before - bias) + bias, atol=1e-5, rtol=0)
