@@ -14,6 +14,8 @@ from polynet.fuse import (
     join_convs,
     optimize_for_inference,
 )
+from polynet.modules import PolyInception
+from polynet.network import compile_units
 
 TOL = 1e-4
 SMALL = dict(stem="small", width_mult=1 / 16, in_chans=1, num_classes=10, drop_rate=0.0)
@@ -165,3 +167,21 @@ def test_prepacked_convolutions_compute_the_same_and_stay_ordinary_modules():
         before = conv(h)
         conv.weight.mul_(2.0)
         assert torch.allclose(conv(h), 2 * (before - bias) + bias, atol=1e-5, rtol=0)
+
+
+def test_compile_units_compiles_each_unit_in_place_and_keeps_results():
+    torch.manual_seed(0)
+    model = _randomise_norms(polynet.create_model("polynet", spec=MIXED, **SMALL)).eval()
+    reference = copy.deepcopy(model)
+    keys = model.state_dict().keys()
+    torch._dynamo.reset()
+    compiled = compile_units(model, backend="eager")  # dynamo tracing only: fast on any CPU
+    assert compiled is model and model.state_dict().keys() == keys  # no "_orig_mod." prefix
+    units = [m for m in model.modules() if isinstance(m, PolyInception)]
+    assert units and all(u._compiled_call_impl is not None for u in units)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=TOL, rtol=0)
+    model.train()
+    reference.train()
+    _assert_same(_outputs_and_grads(model, x), _outputs_and_grads(reference, x))

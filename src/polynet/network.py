@@ -294,5 +294,34 @@ def _recompute_contexts(unit: nn.Module) -> tuple[AbstractContextManager, Abstra
     return nullcontext(), restored_buffers(unit)
 
 
+def compile_units(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """Regional compilation: ``torch.compile`` every PolyInception unit and Mixed part in place.
+
+    The units of a stage run one ``forward`` over blocks of one shape, so dynamo traces and
+    inductor compiles a handful of graphs (one per unit kind) instead of the whole
+    500-convolution network as one graph: minutes less of compile time for the same kernels.
+    The head, the stem's plain layers and anything else stay eager. Without units or Mixed
+    parts, the whole model is compiled.
+
+    Args:
+        model: A PolyNet or any module with PolyInception units.
+        **compile_kwargs: Passed to ``torch.compile`` (``mode=``, ``dynamic=``, ...).
+
+    Returns:
+        The model (compiled in place), or a compiled wrapper when it has no units.
+
+    """
+    regions = [m for m in model.modules() if isinstance(m, (PolyInception, Mixed))]
+    if not regions:
+        return torch.compile(model, **compile_kwargs)
+    # Each unit kind (and each distinct drop probability) is one recompilation of the same
+    # forward; let them all be cached rather than fall back to eager after the default few.
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, len(regions))
+    for region in regions:
+        region.compile(**compile_kwargs)
+    return model
+
+
 def _fx_tracing() -> bool:
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing()

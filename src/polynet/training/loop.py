@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from polynet.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from polynet.data import build_dataset
+from polynet.network import compile_units
 from polynet.training.batches import FolderTrainBatches, TensorTrainBatches, eval_batches
 from polynet.training.config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml
 from polynet.training.distributed import (
@@ -336,12 +337,12 @@ class Trainer:
         model = self.raw_model
         if cfg.sync_bn and self.dist.enabled:
             model = self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if cfg.compile:
+            model = compile_units(model)  # regional: the units compile in place
         if self.dist.enabled:
             model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
-        if cfg.compile:
-            model = torch.compile(model)
         self.model = model
         images = getattr(self.train_set, "images", None)
         if images is not None:
