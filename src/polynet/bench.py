@@ -74,7 +74,8 @@ class BenchConfig:
         reps: Timed rounds (each round runs every candidate once); the median is reported.
         warmup: Untimed rounds first.
         candidates: Names from :data:`CANDIDATES`.
-        train: Measure training steps (forward, backward, SGD step) as well as inference.
+        train: Measure training steps (forward, backward, SGD step).
+        infer: Measure inference steps.
         memory: Measure peak memory per candidate in a fresh subprocess.
         device: ``"cpu"`` or ``"cuda"``.
         amp: On CUDA, run our model's training and inference under bf16 autocast (the port and
@@ -93,6 +94,7 @@ class BenchConfig:
     warmup: int = 1
     candidates: tuple[str, ...] = CANDIDATES
     train: bool = True
+    infer: bool = True
     memory: bool = True
     device: str = "cpu"
     amp: bool = False
@@ -119,6 +121,8 @@ class BenchConfig:
             )
         if self.batch_size < 1 or self.reps < 1 or self.threads < 1 or self.warmup < 0:
             raise ValueError("batch_size, reps and threads must be at least 1, warmup at least 0")
+        if not (self.train or self.infer):
+            raise ValueError("nothing to measure: drop --no-train or --no-infer")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -441,7 +445,7 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     peak = matmul_peak_gflops(cfg.threads, cfg.device)
 
     results: dict[str, dict[str, Any]] = {}
-    infer = {n: m for n, m in models.items() if n not in TRAINING_ONLY}
+    infer = {n: m for n, m in models.items() if n not in TRAINING_ONLY and cfg.infer}
     for model in infer.values():
         model.eval()
     log(f"inference: {len(infer)} candidates x {cfg.warmup + cfg.reps} rounds")

@@ -305,7 +305,9 @@ def compile_units(model: nn.Module, **compile_kwargs) -> nn.Module:
 
     Args:
         model: A PolyNet or any module with PolyInception units.
-        **compile_kwargs: Passed to ``torch.compile`` (``mode=``, ``dynamic=``, ...).
+        **compile_kwargs: Passed to ``torch.compile`` (``mode=``, ``backend=``, ...). Shapes
+            are static unless ``dynamic=`` says otherwise: the unit kinds differ in shape, and
+            dynamo would otherwise turn to slower dynamic-shape graphs after the second.
 
     Returns:
         The model (compiled in place), or a compiled wrapper when it has no units.
@@ -318,6 +320,7 @@ def compile_units(model: nn.Module, **compile_kwargs) -> nn.Module:
     # forward; let them all be cached rather than fall back to eager after the default few.
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, len(regions))
+    compile_kwargs.setdefault("dynamic", False)
     for region in regions:
         region.compile(**compile_kwargs)
     return model

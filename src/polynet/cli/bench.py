@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"comma-separated subset of {','.join(CANDIDATES)} (default: all)",
     )
     p.add_argument("--no-train", action="store_true", help="skip the training steps")
+    p.add_argument("--no-infer", action="store_true", help="skip the inference steps")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
     p.add_argument("--amp", action="store_true", help="bf16 autocast for polynet on CUDA")
@@ -50,7 +51,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.candidates:
         overrides["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
     overrides.update(
-        train=not args.no_train, memory=not args.no_memory, amp=args.amp, compile=args.compile
+        train=not args.no_train,
+        infer=not args.no_infer,
+        memory=not args.no_memory,
+        amp=args.amp,
+        compile=args.compile,
     )
     return BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
 
