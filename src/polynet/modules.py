@@ -71,7 +71,11 @@ class PolyInception(nn.Module):
             raise ValueError(f"sharing must be one of {', '.join(SHARINGS)}; got {sharing!r}")
         self.polynomial: Polynomial = parse(resolve_expression(expression))
         self.sharing = sharing
-        self.scale = float(scale)
+        # The scale also lives in a tensor: a float would be a constant of a compiled graph, and
+        # units that differ only in scale (the released model's decaying scales) would each
+        # compile their own. Not persistent: the released weights have no such entry.
+        self.register_buffer("scale_factor", torch.tensor(float(scale)), persistent=False)
+        self.scale = scale
         self.drop_prob = drop_prob
         self.blocks = nn.ModuleDict(
             {letter: self._make_block(letter, block) for letter in self.polynomial.letters}
@@ -108,6 +112,17 @@ class PolyInception(nn.Module):
     def num_block_evals(self) -> int:
         """Blocks evaluated by ``forward`` (one per distinct path suffix)."""
         return len(self.plan)
+
+    @property
+    def scale(self) -> float:
+        """Residual scale of every non-identity path (the paper's beta)."""
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = float(value)
+        with torch.no_grad():
+            self.scale_factor.fill_(self._scale)
 
     @property
     def drop_prob(self) -> float:
@@ -151,7 +166,7 @@ class PolyInception(nn.Module):
                 residual = term if residual is None else residual + term
                 path += 1
         assert residual is not None
-        return self.act(x + self.scale * residual)
+        return self.act(x + self.scale_factor * residual)
 
     def forward_naive(self, x: torch.Tensor) -> torch.Tensor:
         """Reference evaluation: every path of the polynomial computed from scratch.
