@@ -141,14 +141,25 @@ def test_cascaded_equals_naive_after_inplace_change():
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (CPU build)")
-def test_prepacked_convolutions_compute_the_same_and_stay_ordinary_modules():
+@pytest.mark.parametrize(
+    "name,kwargs,relus_folded",
+    [
+        ("polynet_very_deep", dict(width_mult=1 / 16), True),  # released poly-3, 2-way, stem
+        ("polynet", dict(spec=MIXED, **{**SMALL, "in_chans": 3}, act_layer="gelu"), False),
+    ],
+)
+def test_prepacked_convolutions_compute_the_same_and_stay_ordinary_modules(
+    name, kwargs, relus_folded
+):
     torch.manual_seed(0)
-    model = polynet.create_model("polynet_very_deep", width_mult=1 / 16, drop_rate=0.0)
-    model = _randomise_norms(model).eval()
+    model = _randomise_norms(polynet.create_model(name, **kwargs)).eval()
     plain = optimize_for_inference(model, prepack=False)
     packed = optimize_for_inference(model)
     convs = [m for m in packed.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(isinstance(m, PackedConv2d) for m in convs)
+    relus = sum(isinstance(m, nn.ReLU) for m in packed.modules())
+    assert (relus < sum(isinstance(m, nn.ReLU) for m in plain.modules())) == relus_folded
+    assert any(m.post_op == "relu" for m in convs) == relus_folded
     x = torch.randn(2, 3, 75, 75)
     with torch.inference_mode():
         expected = plain(x)

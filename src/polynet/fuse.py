@@ -272,7 +272,14 @@ class PackedConv2d(nn.Conv2d):
     ``weight`` stays an ordinary parameter, so ``state_dict`` and exports are unchanged. The
     packed copy is rebuilt when the weight or the input shape changes, and is not saved or
     copied.
+
+    Attributes:
+        post_op: ``"relu"`` when the ReLU that followed this convolution was folded into it
+            (oneDNN applies it as the convolution writes its output; one pass less over memory).
+
     """
+
+    post_op = "none"
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         key = (self.weight.data_ptr(), self.weight._version, tuple(x.shape))
@@ -307,7 +314,8 @@ class PackedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve, through the packed weight where it applies."""
         if not self._use_packed(x):
-            return super().forward(x)
+            y = super().forward(x)
+            return torch.relu_(y) if self.post_op == "relu" else y
         bias = None if self.bias is None else self.bias.detach()
         return torch.ops.mkldnn._convolution_pointwise(
             x.contiguous(memory_format=torch.channels_last),
@@ -317,7 +325,7 @@ class PackedConv2d(nn.Conv2d):
             list(self.stride),
             list(self.dilation),
             self.groups,
-            "none",
+            self.post_op,
             [],
             "",
         )
@@ -334,11 +342,43 @@ def prepack_convolutions(model: nn.Module) -> nn.Module:
     The parameters are the same objects; only the class changes, so nothing is copied. A no-op
     where this PyTorch build has no oneDNN.
     """
-    if _onednn_available():
-        for module in model.modules():
-            if type(module) is nn.Conv2d:
-                module.__class__ = PackedConv2d
+    if not _onednn_available():
+        return model
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = PackedConv2d
+    _fold_relus(model)
     return model
+
+
+def _takes_relu(conv: nn.Module, act: nn.Module) -> bool:
+    """Fold ``act`` into ``conv`` when it is a plain ReLU after a packed convolution."""
+    if isinstance(conv, PackedConv2d) and type(act) is nn.ReLU:
+        conv.post_op = "relu"
+        return True
+    return False
+
+
+def _fold_relus(model: nn.Module) -> None:
+    """Move every ReLU that directly follows a packed convolution into the convolution."""
+    for module in list(model.modules()):
+        if isinstance(module, FoldedPolyInception):
+            # The first step's activation also follows the unit's joined root entry, so the
+            # root entry takes the ReLU exactly when that activation is one.
+            _takes_relu(module.root_entry, module.steps[0].branches.act)
+            for step in module.steps:
+                if _takes_relu(step.branches.entry, step.branches.act):
+                    step.branches.act = nn.Identity()
+        elif isinstance(module, FoldedMixed) and module.joined:
+            if _takes_relu(module.entry, module.entry_act):
+                module.entry_act = nn.Identity()
+        elif isinstance(module, FoldedBranches) and not isinstance(module.act, nn.Identity):
+            if _takes_relu(module.entry, module.act):
+                module.act = nn.Identity()
+        elif isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                if _takes_relu(module[i], module[i + 1]):
+                    module[i + 1] = nn.Identity()
 
 
 def _rewrite(module: nn.Module) -> nn.Module:
