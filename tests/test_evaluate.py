@@ -446,3 +446,24 @@ def test_distributed_evaluation_counts_every_image_once(colour_folder, tmp_path)
     # 7 images on 2 ranks are 4 + 3: a padding sampler would count 8.
     assert seven["data"]["images_evaluated"] == 7
     assert seven["data"]["images_unreadable"] == 0
+
+
+def test_a_polynet_is_evaluated_through_its_fused_copy_with_the_same_answers(colour_folder):
+    from polynet import create_model
+
+    torch.manual_seed(0)
+    model = create_model("polynet_small", in_chans=3, num_classes=3)
+    model.pretrained_cfg = dict(ColourNet.pretrained_cfg, input_size=(3, 28, 28))
+    for m in model.modules():  # statistics that make folding matter
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-0.5, 0.5)
+    dataset = build_dataset(str(colour_folder), "val")
+    calls = []
+    norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    norm.register_forward_hook(lambda *_: calls.append(1))  # folded away in the fused copy
+    fused = evaluate(model, dataset, SingleCrop(), batch_size=4, progress=False)
+    assert not calls
+    plain = evaluate(model, dataset, SingleCrop(), batch_size=4, progress=False, fuse=False)
+    assert calls
+    assert fused.metrics.summary() == plain.metrics.summary()

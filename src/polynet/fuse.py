@@ -282,7 +282,9 @@ class PackedConv2d(nn.Conv2d):
     post_op = "none"
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.weight.data_ptr(), self.weight._version, tuple(x.shape))
+        # Inference tensors (weights made under inference_mode) keep no version counter.
+        version = 0 if self.weight.is_inference() else self.weight._version
+        key = (self.weight.data_ptr(), version, tuple(x.shape))
         if getattr(self, "_pack_key", None) != key:
             self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 self.weight.detach().to_mkldnn(),
@@ -395,6 +397,13 @@ def _rewrite(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, _rewrite(child))
     return module
+
+
+def is_fusable(model: nn.Module) -> bool:
+    """Whether ``model`` has parts :func:`optimize_for_inference` rewrites (PolyNet layers)."""
+    return any(
+        isinstance(m, (PolyInception, InceptionBlock, Mixed, ConvNormAct)) for m in model.modules()
+    )
 
 
 @torch.no_grad()

@@ -86,6 +86,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     run.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="evaluate the model as built, not its inference-optimised copy (folded norms, "
+        "joined convolutions; same outputs within float rounding)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the JSON report to OUT")
     out.add_argument("--out", metavar="DIR", help=f"write {', '.join(REPORT_FILES)} to DIR")
@@ -159,6 +165,7 @@ def _evaluate_and_report(
         limit=args.limit,
         amp=args.amp,
         progress=not args.no_progress,
+        fuse=not args.no_fuse,
     )
     if dist.is_initialized() and dist.get_rank() != 0:
         return

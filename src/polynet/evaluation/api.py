@@ -42,7 +42,7 @@ def evaluate_weights(
             :class:`~polynet.evaluation.MultiCrop`.
         model_name: The registered model to build; by default the one the file names.
         **eval_kwargs: Passed to :func:`~polynet.evaluation.evaluate` (``batch_size``,
-            ``device``, ``num_workers``, ``limit``, ``amp``, ``progress``).
+            ``device``, ``num_workers``, ``limit``, ``amp``, ``progress``, ``fuse``).
 
     Returns:
         The report (see :func:`~polynet.evaluation.build_report`) and the raw result.

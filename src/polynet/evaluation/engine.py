@@ -36,6 +36,7 @@ from polynet.evaluation.pooling import (
     pool_multi_scale,
     pooled_count,
 )
+from polynet.fuse import is_fusable, optimize_for_inference
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,17 @@ def _single_crop_transform(cfg: dict[str, Any], description: dict[str, Any]) -> 
     )
 
 
+def _inference_copy(model: nn.Module) -> nn.Module:
+    """A PolyNet's inference-optimised copy; anything else (or unfoldable norms) as it is."""
+    if not is_fusable(model):
+        return model
+    try:
+        with torch.inference_mode(False):  # ordinary tensors: the copy's weights stay tracked
+            return optimize_for_inference(model)
+    except ValueError:  # e.g. norms without running statistics: nothing to fold
+        return model
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -292,6 +304,7 @@ def evaluate(
     limit: int | None = None,
     amp: bool = False,
     progress: bool = True,
+    fuse: bool = True,
 ) -> EvalResult:
     """Evaluate a classifier on a data set of ``(PIL image, label)`` items.
 
@@ -312,6 +325,10 @@ def evaluate(
         limit: Evaluate only the first ``limit`` images of the data set.
         amp: Run the model under bfloat16 autocast.
         progress: Show a progress bar (on rank 0 only).
+        fuse: Evaluate an inference-optimised copy of a PolyNet
+            (:func:`polynet.fuse.optimize_for_inference`: norms folded, parallel convolutions
+            joined, oneDNN-packed on CPU; the same outputs within float rounding). Other
+            models, and norms that cannot fold, are evaluated as they are.
 
     Returns:
         The counts and what was skipped.
@@ -343,7 +360,7 @@ def evaluate(
         pin_memory=device.type == "cuda",
     )
     model = model.eval().to(device)
-    forward = AdaptiveBatchForward(model, batch_size)
+    forward = AdaptiveBatchForward(_inference_copy(model) if fuse else model, batch_size)
     metrics = ClassificationMetrics(len(classes), DEFAULT_TOPK)
     unreadable: list[_Unreadable] = []
     bar = tqdm(
