@@ -76,7 +76,7 @@ class TrainConfig:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         amp: Mixed precision on CUDA: ``"none"``, ``"bf16"`` or ``"fp16"``.
         channels_last: Channels-last memory format (None: on CUDA only).
-        compile: Compile the model with ``torch.compile``.
+        compile: Compile each unit with ``torch.compile`` (:func:`polynet.network.compile_units`).
         sync_bn: SyncBatchNorm across processes (the paper normalises per GPU).
         init_from: Initialise the weights from this polynet checkpoint (no optimizer state).
         resume: Continue the run in ``out`` from its ``last.pt``.
