@@ -252,7 +252,7 @@ class PolyNet(nn.Module):
         return self._stage(self.stage_c, x)
 
     def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if not self.grad_checkpointing or torch.jit.is_scripting():
+        if not (self.grad_checkpointing and torch.is_grad_enabled()) or torch.jit.is_scripting():
             return stage(x)
         for unit in stage:  # one segment per unit: only unit inputs stay stored
             x = checkpoint(
