@@ -63,3 +63,13 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
 def test_cli_rejects_unknown_candidates(capsys):
     assert main(["bench", "--quick", "--candidates", "resnet50", "--no-memory"]) == 2
     assert "unknown candidates ['resnet50']" in capsys.readouterr().err
+
+
+def test_cli_measures_training_alone_and_refuses_to_measure_nothing(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--candidates", "polynet", "--no-memory", "--threads", "1"]
+    assert main([*argv, "--no-infer", "--json", str(out)]) == 0
+    assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["train"]
+    capsys.readouterr()
+    assert main([*argv, "--no-infer", "--no-train"]) == 2
+    assert "nothing to measure" in capsys.readouterr().err

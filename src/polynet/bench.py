@@ -448,7 +448,8 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
     infer = {n: m for n, m in models.items() if n not in TRAINING_ONLY and cfg.infer}
     for model in infer.values():
         model.eval()
-    log(f"inference: {len(infer)} candidates x {cfg.warmup + cfg.reps} rounds")
+    if infer:
+        log(f"inference: {len(infer)} candidates x {cfg.warmup + cfg.reps} rounds")
     times = _round_robin(
         {n: (lambda n=n, m=m: _infer_step(cfg, n, m, x)) for n, m in infer.items()}, cfg, device
     )
