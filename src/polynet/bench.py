@@ -40,6 +40,7 @@ from polynet.zoo import create_model
 CANDIDATES = (
     "polynet",
     "polynet-fused",
+    "polynet-fused-plain",
     "polynet-naive",
     "polynet-ckpt",
     "port",
@@ -51,6 +52,7 @@ CANDIDATES = (
 DESCRIPTIONS = {
     "polynet": "polynet_very_deep, eager, channels_last, cascaded",
     "polynet-fused": "polynet.fuse.optimize_for_inference(polynet_very_deep)",
+    "polynet-fused-plain": "the same without oneDNN weight pre-packing (prepack=False)",
     "polynet-naive": "polynet_very_deep with every path evaluated separately (forward_naive)",
     "polynet-ckpt": "polynet_very_deep with set_grad_checkpointing(True)",
     "port": "pretrainedmodels.polynet, eager, as released (NCHW)",
@@ -59,7 +61,7 @@ DESCRIPTIONS = {
     "polynet-compiled": "polynet with every unit and Mixed part torch.compile'd "
     "(polynet.network.compile_units; only with --compile)",
 }
-INFERENCE_ONLY = {"polynet-fused", "polynet-naive"}
+INFERENCE_ONLY = {"polynet-fused", "polynet-fused-plain", "polynet-naive"}
 TRAINING_ONLY = {"polynet-ckpt"}
 
 
@@ -198,6 +200,8 @@ def build_candidates(cfg: BenchConfig, same_weights: bool = True) -> dict[str, n
     built: dict[str, nn.Module] = {}
     if "polynet-fused" in wanted:
         built["polynet-fused"] = optimize_for_inference(ours)
+    if "polynet-fused-plain" in wanted:
+        built["polynet-fused-plain"] = optimize_for_inference(ours, prepack=False)
     if wanted & {"polynet", "polynet-naive", "polynet-ckpt"}:
         fast = ours.to(memory_format=cl)
         built["polynet"] = fast
