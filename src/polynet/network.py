@@ -8,10 +8,12 @@ follows timm's model contract: ``forward_features`` / ``forward_head``, ``reset_
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from timm.layers import SelectAdaptivePool2d
@@ -28,7 +30,7 @@ from polynet.blocks import (
     SmallStem,
     scaled,
 )
-from polynet.layers import LayerFactory, resolve_layers
+from polynet.layers import LayerFactory, layer_name, resolve_layers
 from polynet.modules import PolyInception, Sharing
 from polynet.specs import NetworkSpec
 
@@ -52,6 +54,55 @@ def linear_rates(num_units: int, last: float) -> list[float]:
     return [last * i / (num_units - 1) for i in range(num_units)]
 
 
+@dataclass(frozen=True)
+class PolyNetConfig:
+    """Everything that defines a PolyNet's architecture, as JSON-able data.
+
+    A model keeps the config it was built from (``model.config``); checkpoints and safetensors
+    metadata store it, and every loader rebuilds the model from it, so nothing about a model
+    is ever guessed back from its modules. The fields are :class:`PolyNet`'s arguments.
+    """
+
+    spec: str
+    num_classes: int = 1000
+    in_chans: int = 3
+    width_mult: float = 1.0
+    stem: StemKind = "imagenet"
+    stem_stride: int = 1
+    sharing: Sharing = "full"
+    residual_scale: float | tuple[float, ...] | Literal["released"] = 0.3
+    drop_rate: float = 0.2
+    path_drop_rate: float = 0.0
+    global_pool: str = "avg"
+    norm_layer: str | None = None
+    act_layer: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON-able values (tuples become lists)."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PolyNetConfig:
+        """Rebuild a config from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: For a key that is not a PolyNet argument, naming the valid ones.
+
+        """
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown PolyNet argument(s) {', '.join(unknown)}; valid: {', '.join(names)}"
+            )
+        values = dict(values)
+        if isinstance(values.get("residual_scale"), list):
+            values["residual_scale"] = tuple(values["residual_scale"])
+        return cls(**values)
+
+
 class PolyNet(nn.Module):
     """A PolyNet (or Inception-ResNet) built from a network spec.
 
@@ -72,6 +123,12 @@ class PolyNet(nn.Module):
         global_pool: timm pool type (``"avg"``, ``"max"``, ``"avgmax"``, ...).
         norm_layer: Norm factory or name.
         act_layer: Activation factory or name.
+
+    Attributes:
+        config: The :class:`PolyNetConfig` this model was built from, kept up to date by
+            :meth:`reset_classifier` and :meth:`set_path_drop`; ``PolyNet(**config.to_dict())``
+            rebuilds the architecture (layers given as classes are recorded by their import
+            path and must be given again).
 
     """
 
@@ -103,6 +160,23 @@ class PolyNet(nn.Module):
             raise ValueError(f"stem_stride applies to the small stem only, got stem={stem!r}")
         if not 0.0 <= drop_rate < 1.0:
             raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.config = PolyNetConfig(
+            spec=str(self.spec),
+            num_classes=num_classes,
+            in_chans=in_chans,
+            width_mult=float(width_mult),
+            stem=stem,
+            stem_stride=stem_stride,
+            sharing=sharing,
+            residual_scale=residual_scale
+            if isinstance(residual_scale, (str, int, float))
+            else tuple(float(v) for v in residual_scale),
+            drop_rate=drop_rate,
+            path_drop_rate=path_drop_rate,
+            global_pool=global_pool,
+            norm_layer=layer_name(norm_layer),
+            act_layer=layer_name(act_layer),
+        )
         norm_layer, act_layer = resolve_layers(norm_layer, act_layer)
         layers = dict(norm_layer=norm_layer, act_layer=act_layer)
         self.num_classes = num_classes
@@ -189,6 +263,7 @@ class PolyNet(nn.Module):
         for unit, p in zip(units, linear_rates(len(units), rate), strict=True):
             unit.drop_prob = p
         self.path_drop_rate = rate
+        self.config = dataclasses.replace(self.config, path_drop_rate=rate)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -221,6 +296,9 @@ class PolyNet(nn.Module):
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.config = dataclasses.replace(
+            self.config, num_classes=num_classes, global_pool=self.global_pool.pool_type
+        )
         self.last_linear = (
             nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         )
