@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import polynet
-from polynet.checkpoint import load_checkpoint, load_model
+from polynet.checkpoint import load_checkpoint
+from polynet.loading import load_model
 from polynet.data import build_dataset, eval_transform
 
 pytestmark = pytest.mark.skipif(

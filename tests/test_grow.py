@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import polynet
-from polynet.checkpoint import load_model, save_checkpoint
+from polynet.checkpoint import save_checkpoint
+from polynet.loading import load_model
 from polynet.cli import main
 from polynet.grow import GrowthMap, grow, interleaved_slots
 
@@ -197,7 +198,7 @@ def test_grow_into_a_built_model():
         (
             "polynet_ir_3_6_3",
             {"_target_kwargs": dict(stem="imagenet", width_mult=0.125)},
-            "different stems",
+            "different stem",
         ),
         ("polynet_ir_3_6_3", {"_target_kwargs": dict(num_classes=7)}, "different num_classes"),
         ("polynet_small", {"_source_kwargs": dict(width_mult=0.25)}, "fixes width_mult=0.125"),
@@ -245,11 +246,11 @@ def test_cli_grows_a_checkpoint(tmp_path, images, capsys):
     assert status == 0
     printed = capsys.readouterr().out
     assert "growth map (zero-init)" in printed and "function: preserved" in printed
-    grown, payload = load_model(out_path)
-    assert payload["model_name"] == "polynet_small"
+    grown, file = load_model(out_path)
+    assert file.model_name == "polynet_small"
     assert str(grown.spec) == "A: 2-way | B: (mpoly-2, poly-2) | C: 2-way"
-    assert payload["model_kwargs"]["sharing"] == "released"
-    assert "growth_map" in payload
+    assert file.model_config["sharing"] == "released" == grown.config.sharing
+    assert "growth_map" in file.payload
     assert max_diff(grown, source, images) <= 1e-5
 
 
@@ -285,7 +286,7 @@ def test_grown_model_keeps_the_source_preprocessing():
     grown, growth = grow(source, "polynet_6_12_6_mixed", zero_init=True)
     assert growth.model_name == "polynet_small_ir"
     assert grown.pretrained_cfg["input_size"] == (1, 28, 28)
-    rebuilt = polynet.create_model(growth.model_name, **growth.model_kwargs)
+    rebuilt = polynet.create_model(growth.model_name, **growth.model_config.to_dict())
     assert str(rebuilt.spec) == "A: ir x6 | B: (3-way, mpoly-3, poly-3) x4 | C: ir x6"
     rebuilt.load_state_dict(grown.state_dict())  # strict: every tensor fits
     assert [u.scale for u in rebuilt.units] == [u.scale for u in grown.units]

@@ -170,7 +170,7 @@ def test_loss_decreases_on_a_generated_image_folder(tmp_path, folder):
         "horizontal",
         "vertical",
     ]
-    model, _ = polynet.checkpoint.load_model(tmp_path / "run" / "last.pt")
+    model, _ = polynet.loading.load_model(tmp_path / "run" / "last.pt")
     assert model.num_classes == 2
 
 

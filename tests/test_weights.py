@@ -17,12 +17,11 @@ from polynet.checkpoint import CheckpointError, save_checkpoint
 from polynet.cli import main
 from polynet.data import eval_transform
 from polynet.predict import predict
+from polynet.loading import convert, load_model
 from polynet.weights import (
     WeightsFile,
-    convert,
     fit_state_dict,
     load_pretrained,
-    model_from_weights,
     port_key_map,
     preprocessing,
     read_weights,
@@ -226,7 +225,7 @@ def test_checkpoint_converts_to_safetensors_with_metadata(small_checkpoint, tmp_
     assert weights.kind == "safetensors" and weights.model_name == "polynet_small"
     assert weights.class_names == SMALL_CLASSES
     assert weights.pretrained_cfg["input_size"] == [1, 28, 28]
-    model, _ = model_from_weights(dst)
+    model, _ = load_model(dst)
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(model(x), source(x), atol=0, rtol=0)
@@ -255,11 +254,14 @@ def test_wrong_architecture_is_one_error_listing_first_mismatches(small_checkpoi
     assert "does not fit polynet_small_ir" in message
     assert "unexpected keys (first: stage_a.0.blocks.G." in message
     assert "it holds polynet_small weights" in message
-    # The released model built on the meta device: the small file misses keys and shapes.
+    # A file that names its model fixes the architecture: another --model is refused at once.
     assert main(["convert", str(path), "x.safetensors", "--model", "polynet_very_deep"]) == 2
     err = _one_line_error(capsys)
-    assert "does not fit polynet_very_deep" in err and "missing keys" in err
-    assert "wrong shapes (file vs model) (first: stem.conv1.conv.weight (24, 1, 3, 3) vs" in err
+    assert "holds polynet_small weights, not polynet_very_deep" in err
+    # Its tensors in a model of another shape: one error naming keys and shapes.
+    with pytest.raises(CheckpointError) as info:
+        polynet.create_model("polynet_small", width_mult=0.25, checkpoint_path=path)
+    assert "wrong shapes (file vs model) (first: stem.conv1.conv.weight" in str(info.value)
 
 
 def test_missing_unexpected_and_misshapen_keys_are_listed(small_checkpoint, tmp_path):
@@ -381,8 +383,8 @@ def test_tied_weights_of_norms_sharing_round_trip_through_safetensors(tmp_path):
     kwargs = dict(sharing="norms", width_mult=0.0625)
     model = polynet.create_model("polynet_small", **kwargs).eval()
     path = tmp_path / "small.safetensors"
-    save_weights(path, model.state_dict(), "polynet_small", kwargs)
-    loaded, _ = model_from_weights(path)
+    save_weights(path, model.state_dict(), "polynet_small", model.config.to_dict())
+    loaded, _ = load_model(path)
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))

@@ -123,10 +123,11 @@ class Polynomial:
         return sum(len(t) for t in self.terms)
 
     def __str__(self) -> str:
-        return " + ".join([IDENTITY] + [_format_word(t) for t in self.terms])
+        return " + ".join([IDENTITY] + [format_word(t) for t in self.terms])
 
 
-def _format_word(word: Word) -> str:
+def format_word(word: Word) -> str:
+    """Write a word of block letters with powers for repeats: ``("F", "F", "G")`` -> ``F^2G``."""
     out, i = [], 0
     while i < len(word):
         j = i
@@ -246,7 +247,7 @@ def parse(text: str) -> Polynomial:
     repeated = [w for w, n in poly.items() if n > 1 and w]
     if repeated:
         raise ValueError(
-            f"bad polynomial {text!r}: term {_format_word(repeated[0])!r} appears "
+            f"bad polynomial {text!r}: term {format_word(repeated[0])!r} appears "
             f"{poly[repeated[0]]} times; every path must be distinct"
         )
     terms = tuple(w for w in poly if w)

@@ -4,10 +4,14 @@ A polynet checkpoint is one ``torch.save`` file holding only tensors and plain c
 it loads with ``torch.load(weights_only=True)``. Its keys:
 
 - ``format``: ``"polynet-checkpoint"``; ``version``: 1.
-- ``model_name``: a registered model name; ``model_kwargs``: JSON-able constructor overrides
-  (``num_classes``, ``in_chans``, ``spec``, ``width_mult``, ...).
+- ``model_name``: a registered model name (it carries the input preprocessing);
+  ``model_config``: the model's whole :class:`~polynet.network.PolyNetConfig` as a dict
+  (``model_kwargs``, constructor overrides, in older files and for non-PolyNet models).
 - ``model``: the model's ``state_dict``.
+- ``class_names``: the classifier's class names, when known.
 - Anything else a workflow adds (optimizer, scheduler, RNG states, metrics, ...).
+
+Building a model from a checkpoint is :func:`polynet.loading.load_model`.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+
+from polynet.errors import UserError
 
 FORMAT = "polynet-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: unreadable, truncated, foreign or unsafe."""
 
 
@@ -43,6 +48,8 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file private (0600); give it the mode open() would (0644 usually).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -56,6 +63,12 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def payload_checksum(payload: dict[str, Any]) -> str:
@@ -106,6 +119,7 @@ def read_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_torch_magic(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for bad files
@@ -117,11 +131,42 @@ def read_torch_file(path: str | os.PathLike, map_location: str = "cpu") -> Any:
                 f"cannot read checkpoint {path}: it is a pickle that carries code, which is "
                 f"refused{names}; polynet loads only tensors and plain containers"
             ) from err
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {first[:300]} (truncated, corrupt, or a pickle "
-            "that carries code, which is refused)"
+            f"cannot read checkpoint {path}: it is truncated or corrupt ({_reason(err)}); use "
+            "an earlier checkpoint or write it again"
         ) from err
+
+
+# torch.save writes a zip archive; files from before PyTorch 1.6 are a bare pickle (protocol 2+).
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+
+
+def _check_torch_magic(path: Path) -> None:
+    """Name a file that is not a torch.save file at all for what it is."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+        return
+    if path.suffix == ".onnx":
+        kind = "an ONNX model (exported for inference; it holds no polynet checkpoint)"
+    elif not head:
+        kind = "empty"
+    elif all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        kind = "a text file"
+    else:
+        kind = "not a PyTorch file"
+    raise CheckpointError(
+        f"{path} is {kind}; give a polynet checkpoint (.pt), a .safetensors file or the "
+        "released .pth"
+    )
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of a library's error, shortened at a word boundary."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if len(text) <= 120:
+        return text
+    return text[:120].rsplit(" ", 1)[0] + " ..."
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[str, Any]:
@@ -146,28 +191,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> dict[
             "earlier checkpoint or retrain"
         )
     return payload
-
-
-def load_model(
-    path: str | os.PathLike, map_location: str = "cpu", **overrides: Any
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model stored in a checkpoint and load its weights strictly.
-
-    Args:
-        path: A checkpoint written by :func:`save_checkpoint`.
-        map_location: Device for the loaded tensors.
-        **overrides: Extra constructor arguments (e.g. ``drop_rate``).
-
-    Returns:
-        The model in eval mode and the checkpoint's payload.
-
-    """
-    from polynet.weights import WeightsFile, fit_state_dict
-    from polynet.zoo import create_model
-
-    payload = load_checkpoint(path, map_location)
-    name, kwargs = payload["model_name"], payload.get("model_kwargs", {})
-    model = create_model(name, **{**kwargs, **overrides})
-    weights = WeightsFile(Path(path), dict(payload["model"]), "checkpoint", name, dict(kwargs))
-    model.load_state_dict(fit_state_dict(weights, model, adapt=False))
-    return model.eval(), payload

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polynet.network import PolyNet
+from polynet.network import PARTS, PolyNet
 
-PARTS = ("stem", "stage_a", "reduction_a", "stage_b", "reduction_b", "stage_c", "last_linear")
 
 
 @dataclass

@@ -35,18 +35,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polynet.algebra import _format_word
-from polynet.blocks import InceptionBlock, SmallStem
+from polynet.algebra import format_word
+from polynet.blocks import InceptionBlock
 from polynet.modules import PolyInception
-from polynet.network import PolyNet
+from polynet.network import PARTS, PolyNet, PolyNetConfig
 from polynet.specs import NetworkSpec
 from polynet.zoo import MODELS, check_model_name, create_model
 
 Action = Literal["copied", "shared", "inserted", "initialised"]
 
-# Constructor arguments that fix the shape of the copied parts (stem, reductions, head).
-_SHAPE_KWARGS = ("width_mult", "stem", "in_chans", "num_classes")
-_STAGE_WIDTH_AT_1 = 384  # stage A width at width_mult 1 for both stems
+# Config fields that fix the shape of the copied parts (stem, reductions, head).
+_SHAPE_FIELDS = ("width_mult", "stem", "stem_stride", "in_chans", "num_classes")
 
 
 @dataclass(frozen=True)
@@ -87,8 +86,9 @@ class GrowthMap:
             input preprocessing, so it is the source's name unless the target's name has the
             same preprocessing (``polynet_small_ir`` grown into ``polynet_small`` keeps
             ``polynet_small``; grown into ``polynet_6_12_6_mixed`` it stays
-            ``polynet_small_ir`` with the mixed spec in ``model_kwargs``).
-        model_kwargs: Constructor arguments (JSON-able) that rebuild the grown model.
+            ``polynet_small_ir`` with the mixed spec in ``model_config``).
+        model_config: The grown model's :class:`~polynet.network.PolyNetConfig`: the source's
+            config with the grown spec, sharing and residual scales.
 
     """
 
@@ -101,7 +101,7 @@ class GrowthMap:
     copied_params: int = 0
     new_params: int = 0
     model_name: str = "polynet"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_config: PolyNetConfig | None = None
 
     @property
     def preserves_function(self) -> bool:
@@ -155,32 +155,11 @@ def interleaved_slots(num_source: int, num_target: int) -> tuple[int, ...]:
     return tuple(i * num_target // num_source for i in range(num_source))
 
 
-def infer_model_kwargs(model: PolyNet) -> dict[str, Any]:
-    """JSON-able constructor arguments that rebuild ``model``'s architecture.
-
-    ``width_mult`` is inferred from the stage A width, which is exact for widths such as
-    0.125, 0.25, 0.5 and 1; pass ``width_mult`` explicitly for others. Custom norm or
-    activation layers cannot be inferred.
-    """
-    return dict(
-        spec=str(model.spec),
-        width_mult=model.feature_info[0]["num_chs"] / _STAGE_WIDTH_AT_1,
-        stem="small" if isinstance(model.stem, SmallStem) else "imagenet",
-        in_chans=model.in_chans,
-        num_classes=model.num_classes,
-        sharing=model.units[0].sharing,
-        residual_scale=[unit.scale for unit in model.units],
-        drop_rate=model.drop_rate,
-        path_drop_rate=model.path_drop_rate,
-        global_pool=model.global_pool.pool_type,
-    )
-
-
 def _check_polynet(model: nn.Module, role: str) -> PolyNet:
     if not isinstance(model, PolyNet):
         raise ValueError(
             f"the {role} must be a polynet PolyNet model, got {type(model).__name__}; "
-            "build it with polynet.create_model or polynet.checkpoint.load_model"
+            "build it with polynet.create_model or polynet.loading.load_model"
         )
     return model
 
@@ -214,16 +193,20 @@ def _unit_slots(source: PolyNet, target_spec: NetworkSpec) -> list[int | None]:
     return sources
 
 
-def _target_kwargs(
+def _target_config(
     source: PolyNet,
     target_spec: NetworkSpec,
     registered: Mapping[str, Any],
     overrides: Mapping[str, Any],
     unit_sources: Sequence[int | None],
-) -> dict[str, Any]:
-    """Build the grown model's constructor arguments: the source's shape, the target's layout."""
-    base = {**infer_model_kwargs(source), **overrides}
-    for key in _SHAPE_KWARGS:
+) -> PolyNetConfig:
+    """The grown model's config: the source's own config, with the target's layout.
+
+    Everything growing does not change (width, stem and its stride, inputs, classes, layers,
+    pooling, dropout) is the source's, read from the config it was built with.
+    """
+    base = {**source.config.to_dict(), **overrides}
+    for key in _SHAPE_FIELDS:
         if key in registered and registered[key] != base[key]:
             raise ValueError(
                 f"the target model fixes {key}={registered[key]!r} but the source has "
@@ -242,7 +225,7 @@ def _target_kwargs(
             last = source.units[index].scale if index is not None else last
             scales.append(last)
         kwargs["residual_scale"] = scales
-    return kwargs
+    return PolyNetConfig.from_dict(kwargs)
 
 
 # pretrained_cfg entries that decide a model's input preprocessing.
@@ -270,7 +253,7 @@ def _build_target(
     source: PolyNet,
     target: str | NetworkSpec,
     overrides: Mapping[str, Any],
-) -> tuple[PolyNet, str, dict[str, Any], list[int | None]]:
+) -> tuple[PolyNet, str, PolyNetConfig, list[int | None]]:
     registered: Mapping[str, Any] = {}
     target_name = None
     if isinstance(target, NetworkSpec):
@@ -282,10 +265,10 @@ def _build_target(
         target_name, spec = target, NetworkSpec.parse(MODELS[target].spec)
         registered = MODELS[target].kwargs
     unit_sources = _unit_slots(source, spec)
-    kwargs = _target_kwargs(source, spec, registered, overrides, unit_sources)
+    config = _target_config(source, spec, registered, overrides, unit_sources)
     name = _registered_name(source, target_name)
-    model = create_model(name, **kwargs)
-    return _check_polynet(model, "target"), name, kwargs, unit_sources
+    model = create_model(name, **config.to_dict())
+    return _check_polynet(model, "target"), name, config, unit_sources
 
 
 def _copy_tensors(dst: nn.Module, src: nn.Module, dst_name: str, src_name: str) -> int:
@@ -368,7 +351,7 @@ def _orders_text(count: int) -> str:
 
 
 def _path_text(path: Sequence[tuple[str, int]]) -> str:
-    return _format_word(tuple(letter for letter, _ in reversed(path)))
+    return format_word(tuple(letter for letter, _ in reversed(path)))
 
 
 def _check_unit_function(
@@ -500,16 +483,18 @@ def grow(
         target = _check_polynet(target_spec_or_model, "target")
         unit_sources = _unit_slots(source, target.spec)
         name = (getattr(target, "pretrained_cfg", None) or {}).get("architecture")
-        name, kwargs = name if name in MODELS else "polynet", infer_model_kwargs(target)
+        name, config = name if name in MODELS else "polynet", target.config
     else:
-        target, name, kwargs, unit_sources = _build_target(
+        target, name, config, unit_sources = _build_target(
             source, target_spec_or_model, model_kwargs
         )
-    if type(source.stem) is not type(target.stem):
-        raise ValueError(
-            f"different stems: source has {type(source.stem).__name__}, target "
-            f"{type(target.stem).__name__}; build the target with the source's stem"
-        )
+    for what in ("stem", "stem_stride"):
+        have, want = getattr(source.config, what), getattr(target.config, what)
+        if have != want:
+            raise ValueError(
+                f"different {what}: source {have!r}, target {want!r}; build the target with "
+                f"the source's {what}"
+            )
     for what in ("in_chans", "num_classes"):
         if getattr(source, what) != getattr(target, what):
             raise ValueError(
@@ -530,7 +515,7 @@ def grow(
         zero_init=zero_init,
         unit_sources=tuple(unit_sources),
         model_name=name,
-        model_kwargs=kwargs,
+        model_config=config,
     )
     for part in ("stem", "reduction_a", "reduction_b", "last_linear"):
         growth.copied_params += _copy_tensors(
@@ -544,12 +529,9 @@ def grow(
     return target, growth
 
 
-_PART_ORDER = ("stem", "stage_a", "reduction_a", "stage_b", "reduction_b", "stage_c", "last_linear")
-
-
 def _order_key(name: str) -> tuple[int, int]:
     """Forward order of a map entry: part, then unit index."""
     head, _, rest = name.partition(".")
-    part = _PART_ORDER.index(head)
+    part = PARTS.index(head)
     unit = int(rest.split(".")[0]) if rest[:1].isdigit() else 0
     return part, unit

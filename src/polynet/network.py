@@ -35,6 +35,8 @@ from polynet.modules import PolyInception, Sharing
 from polynet.specs import NetworkSpec
 
 StemKind = Literal["imagenet", "small"]
+# The model's top-level parts in forward order (state-dict prefixes).
+PARTS = ("stem", "stage_a", "reduction_a", "stage_b", "reduction_b", "stage_c", "last_linear")
 
 
 def released_scales(num_units: int) -> list[float]:

@@ -52,7 +52,7 @@ def predict(
 
     Args:
         model: A classifier with a ``pretrained_cfg`` (e.g. from
-            :func:`polynet.weights.model_from_weights`).
+            :func:`polynet.loading.load_model`).
         images: Image files (any format PIL reads).
         top_k: Classes per image (at most the number of classes).
         labels: Class names; by default :func:`class_labels`.

@@ -1,6 +1,9 @@
 """Weights files: safe loading into any polynet model, and the released port's key layout.
 
-:func:`load_pretrained` accepts three kinds of file, none of which can run code when read:
+File formats only: reading (:func:`read_weights`), fitting tensors to a built model
+(:func:`fit_state_dict`, :func:`load_pretrained`) and writing (:func:`save_weights`); building
+a model from a file is :func:`polynet.loading.load_model`. Three kinds of file are read, none
+of which can run code:
 
 - ``.safetensors`` written by :func:`save_weights` (``polynet convert``), whose metadata names
   the model, its constructor arguments and its evaluation preprocessing;
@@ -66,9 +69,12 @@ class WeightsFile:
         kind: ``"safetensors"``, ``"checkpoint"`` (polynet training checkpoint) or
             ``"state_dict"`` (a plain ``torch.save`` dict, e.g. the released port's file).
         model_name: The registered model the file names, if it names one.
-        model_kwargs: Constructor overrides the file records (``num_classes``, ...).
+        model_kwargs: Constructor overrides of the registered model (files written before
+            models carried their config, and non-PolyNet models).
+        model_config: The whole :class:`~polynet.network.PolyNetConfig` the file records.
         pretrained_cfg: Preprocessing recorded in the file, if any.
-        class_names: Class names recorded in the file (``class_names``), if any.
+        class_names: Class names recorded in the file, if any.
+        payload: The whole checkpoint dict, for a polynet training checkpoint.
 
     """
 
@@ -79,6 +85,8 @@ class WeightsFile:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+    payload: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def read_weights(path: str | os.PathLike) -> WeightsFile:
@@ -103,7 +111,11 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
             "checkpoint",
             payload.get("model_name"),
             dict(payload.get("model_kwargs", {})),
-            class_names=payload.get("class_names"),
+            dict(payload.get("pretrained_cfg", {})),
+            # Training checkpoints before this name was settled called them "classes".
+            payload.get("class_names", payload.get("classes")),
+            dict(payload.get("model_config", {})),
+            payload,
         )
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
         payload = payload["state_dict"]  # the common {"state_dict": ...} wrapper
@@ -130,12 +142,13 @@ def _read_safetensors(path: Path) -> WeightsFile:
         ) from err
     try:
         kwargs = json.loads(metadata.get("model_kwargs", "{}"))
+        config = json.loads(metadata.get("model_config", "{}"))
         cfg = json.loads(metadata.get("pretrained_cfg", "{}"))
         names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path} has malformed metadata: {err}") from err
     name = metadata.get("model_name")
-    return WeightsFile(path, state_dict, "safetensors", name, kwargs, cfg, names)
+    return WeightsFile(path, state_dict, "safetensors", name, kwargs, cfg, names, config)
 
 
 # --- the released port's key layout ---------------------------------------------------------
@@ -427,31 +440,6 @@ def preprocessing(model: nn.Module) -> dict[str, Any]:
     }
 
 
-def model_from_weights(
-    path: str | os.PathLike, model_name: str | None = None, **kwargs: Any
-) -> tuple[nn.Module, WeightsFile]:
-    """Build the model a weights file belongs to and load it, in eval mode.
-
-    Args:
-        path: Any file :func:`read_weights` accepts.
-        model_name: The model to build; by default the one the file names, else
-            ``polynet_very_deep`` (files without metadata are the released port's).
-        **kwargs: Constructor overrides, on top of those the file records.
-
-    Returns:
-        The model and the file it was loaded from.
-
-    """
-    from polynet.zoo import create_model
-
-    weights = read_weights(path)
-    name = model_name or weights.model_name or PORT_MODEL
-    model_kwargs = {**weights.model_kwargs, **kwargs} if name == weights.model_name else kwargs
-    model = create_model(name, **model_kwargs)
-    model.load_state_dict(fit_state_dict(weights, model), strict=True)
-    return model.eval(), weights
-
-
 # --- writing ---------------------------------------------------------------------------------
 
 
@@ -459,7 +447,7 @@ def save_weights(
     path: str | os.PathLike,
     state_dict: Mapping[str, torch.Tensor],
     model_name: str,
-    model_kwargs: Mapping[str, Any] | None = None,
+    model_config: Mapping[str, Any] | None = None,
     pretrained_cfg: Mapping[str, Any] | None = None,
     class_names: list[str] | None = None,
 ) -> None:
@@ -469,7 +457,7 @@ def save_weights(
         path: Destination, ending in ``.safetensors``.
         state_dict: The tensors (our layout).
         model_name: The registered model they belong to.
-        model_kwargs: Constructor overrides needed to rebuild the model.
+        model_config: The model's :class:`~polynet.network.PolyNetConfig` as a dict.
         pretrained_cfg: Evaluation preprocessing (see :func:`preprocessing`).
         class_names: Names of the classifier's outputs, for ``polynet predict``.
 
@@ -477,7 +465,7 @@ def save_weights(
     metadata = {
         "format": WEIGHTS_FORMAT,
         "model_name": model_name,
-        "model_kwargs": json.dumps(dict(model_kwargs or {})),
+        "model_config": json.dumps(dict(model_config or {})),
         "pretrained_cfg": json.dumps(dict(pretrained_cfg or {})),
     }
     if class_names is not None:
@@ -492,52 +480,3 @@ def save_weights(
         tensors[key] = tensor
     data = safetensors.torch.save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
-
-
-def convert(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    model_name: str | None = None,
-    to_port: bool = False,
-) -> dict[str, Any]:
-    """Convert a weights file to our ``.safetensors`` or to the released port's layout.
-
-    The model is built on the ``meta`` device, so only the file's tensors take memory.
-
-    Args:
-        src: Any file :func:`read_weights` accepts (e.g. ``polynet-f71d82a5.pth``).
-        dst: ``.safetensors`` destination; with ``to_port``, a ``torch.save`` file that the
-            port's ``PolyNet.load_state_dict`` loads strictly.
-        model_name: The model the weights belong to; by default the one ``src`` names, else
-            ``polynet_very_deep``.
-        to_port: Write the port's layout instead of ours.
-
-    Returns:
-        A summary: model name, tensor and parameter counts, destination.
-
-    Raises:
-        CheckpointError: If ``src`` is unreadable or does not fit the model exactly.
-        ValueError: For a destination of the wrong kind or a model the port cannot express.
-
-    """
-    from polynet.zoo import create_model
-
-    dst = Path(dst)
-    if not to_port and dst.suffix != ".safetensors":
-        raise ValueError(
-            f"destination {dst} must end in .safetensors (or ask for the port's layout with "
-            "--to-port)"
-        )
-    weights = read_weights(src)
-    name = model_name or weights.model_name or PORT_MODEL
-    kwargs = weights.model_kwargs if name == weights.model_name else {}
-    with torch.device("meta"):  # the structure and shapes, without allocating 95M parameters
-        model = create_model(name, **kwargs)
-    state = fit_state_dict(weights, model, adapt=False)
-    if to_port:
-        port_state = to_port_layout(state, model)
-        atomic_write(dst, lambda f: torch.save(port_state, f))
-    else:
-        save_weights(dst, state, name, kwargs, preprocessing(model), weights.class_names)
-    num_params = sum(p.numel() for p in model.parameters())
-    return dict(model_name=name, tensors=len(state), params=num_params, dst=str(dst))

@@ -19,6 +19,7 @@ from torch import nn
 
 from polynet.algebra import PAPER_MODULES
 from polynet.network import PolyNet
+from polynet.weights import load_pretrained
 
 VERY_DEEP_SPEC = "A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -201,7 +202,5 @@ def create_model(
         )
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
-        from polynet.weights import load_pretrained
-
         load_pretrained(model, checkpoint_path)
     return model

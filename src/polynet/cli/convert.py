@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from polynet.weights import PORT_MODEL, convert
+from polynet.loading import convert
+from polynet.weights import PORT_MODEL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from polynet.export import FORMATS, example_input, export, onnx_max_error
-from polynet.weights import model_from_weights
+from polynet.loading import load_model
 from polynet.zoo import check_model_name, create_model
 
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     """Build (and load) the model, export it and, for ONNX, check it with ONNX Runtime."""
     check_model_name(args.model)
     if args.checkpoint:
-        model, _ = model_from_weights(args.checkpoint, args.model)
+        model, _ = load_model(args.checkpoint, args.model)
     else:
         model = create_model(args.model).eval()
     input_size = model.pretrained_cfg["input_size"]

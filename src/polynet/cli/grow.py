@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from polynet.checkpoint import load_model, save_checkpoint
+from polynet.checkpoint import save_checkpoint
 from polynet.grow import grow
+from polynet.loading import load_model
 from polynet.modules import SHARINGS
-from polynet.zoo import MODELS
-
-# Source constructor arguments that cannot be read back from a built model, or only
-# approximately (width_mult is inferred from the stage width), so they are taken from the
-# source checkpoint.
-_CARRIED_KWARGS = ("width_mult", "norm_layer", "act_layer")
-
+from polynet.outputs import check_output
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``grow`` subcommand."""
@@ -56,30 +50,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="parameter sharing of repeated letters in the grown model (default: "
         "the target model's, else the source's); 'released' lets poly-k start exact",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
-
-
-def _source_kwargs(payload: dict[str, Any]) -> dict[str, Any]:
-    """Collect the source's constructor arguments: registered ones, then the checkpoint's."""
-    name = payload["model_name"]
-    return {**MODELS[name].kwargs, **payload.get("model_kwargs", {})}
 
 
 def run(args: argparse.Namespace) -> int:
     """Grow ``--from`` into ``--to``, print the growth map and save ``--out``."""
-    source, payload = load_model(args.source)
-    carried = _source_kwargs(payload)
-    overrides = {k: carried[k] for k in _CARRIED_KWARGS if k in carried}
-    if args.sharing:
-        overrides["sharing"] = args.sharing
+    check_output(args.out, inputs=[args.source], overwrite=args.overwrite, what="--out")
+    source, weights = load_model(args.source)
+    overrides = {"sharing": args.sharing} if args.sharing else {}
     model, growth = grow(source, args.target, zero_init=args.zero_init, **overrides)
     print(growth)
     save_checkpoint(
         args.out,
         {
             "model_name": growth.model_name,
-            "model_kwargs": growth.model_kwargs,
+            "model_config": model.config.to_dict(),
             "model": model.state_dict(),
+            "class_names": weights.class_names,
             "grown_from": str(args.source),
             "growth_map": str(growth),
         },

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from polynet.predict import predict
-from polynet.weights import model_from_weights
+from polynet.loading import load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print each image's top-k labels with probabilities."""
-    model, weights = model_from_weights(args.checkpoint, args.model)
+    model, weights = load_model(args.checkpoint, args.model)
     results = predict(model, args.images, args.top_k, weights.class_names)
     for image, top in zip(args.images, results, strict=True):
         print(image)

@@ -34,7 +34,7 @@ def evaluate_weights(
 
     Args:
         weights: A polynet checkpoint, converted ``.safetensors`` or the released port's file
-            (see :func:`polynet.weights.model_from_weights`).
+            (see :func:`polynet.loading.load_model`).
         data: ``"fashion-mnist"`` or an ImageNet-layout folder (see
             :func:`polynet.data.build_dataset`).
         split: The split to evaluate (``"val"`` is Fashion-MNIST's test split).
@@ -48,9 +48,9 @@ def evaluate_weights(
         The report (see :func:`~polynet.evaluation.build_report`) and the raw result.
 
     """
-    from polynet.weights import model_from_weights
+    from polynet.loading import load_model
 
-    model, file = model_from_weights(weights, model_name)
+    model, file = load_model(weights, model_name)
     # Preprocessing recorded with converted weights wins over the registry's defaults.
     cfg = {**model_config(model), **file.pretrained_cfg}
     dataset = build_dataset(data, split)
@@ -62,7 +62,7 @@ def evaluate_weights(
         result,
         model=dict(
             name=model.pretrained_cfg.get("architecture", model_name or file.model_name),
-            kwargs=file.model_kwargs,
+            config=file.model_config or file.model_kwargs,
             parameters=sum(p.numel() for p in model.parameters()),
         ),
         weights=dict(path=str(weights), kind=file.kind, sha256=file_sha256(weights)),
