@@ -8,8 +8,8 @@ import torch
 
 import polynet
 from polynet.checkpoint import load_checkpoint
-from polynet.loading import load_model
 from polynet.data import build_dataset, eval_transform
+from polynet.loading import load_model
 
 pytestmark = pytest.mark.skipif(
     not (polynet.data.fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),

@@ -223,7 +223,9 @@ def test_resume_refuses_when_no_checkpoint_is_usable(tmp_path, capsys):
     argv = ["train", "--config", str(_yaml(tmp_path, values)), "--resume"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("polynet: error: no usable checkpoint") and "--overwrite" in err[-1]
+    assert err[-1].startswith("polynet: error: no usable checkpoint")
+    # The advice keeps the run: it never points at --overwrite, which would delete it.
+    assert "--overwrite" not in err[-1] and "another --out" in err[-1]
     # Nothing was overwritten: the broken files stay for the user to inspect.
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.pt")} == before
 
@@ -249,7 +251,7 @@ if step and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK
     real_step = loop.Trainer._train_step
 
     def dying_step(self, images, labels):
-        if self.state["global_step"] + 1 == step:
+        if self.state.global_step + 1 == step:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, images, labels)
 

@@ -5,25 +5,48 @@ Public API::
     import polynet
     model = polynet.create_model("polynet_very_deep")          # also timm.create_model(...)
     unit = polynet.PolyInception("I + F + GF", block=factory)  # any operator polynomial
+    model, file = polynet.load_model("runs/fm/best.pt")        # any weights file
+
+``import polynet`` registers every model with timm. The names below load on first use; the
+``polynet`` command sets ``POLYNET_DEFER_IMPORTS`` while it parses its arguments, so that
+``polynet --help`` does not wait for torch.
 """
 
-from polynet.algebra import Polynomial, named_expression, parse
-from polynet.modules import PolyInception
-from polynet.network import PolyNet
-from polynet.specs import NetworkSpec, StageSpec
-from polynet.zoo import MODELS, create_model, list_models
+import importlib
+import os
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MODELS",
-    "NetworkSpec",
-    "PolyInception",
-    "PolyNet",
-    "Polynomial",
-    "StageSpec",
-    "create_model",
-    "list_models",
-    "named_expression",
-    "parse",
-]
+_EXPORTS = {
+    "MODELS": "polynet.zoo",
+    "create_model": "polynet.zoo",
+    "list_models": "polynet.zoo",
+    "load_model": "polynet.loading",
+    "NetworkSpec": "polynet.specs",
+    "StageSpec": "polynet.specs",
+    "PolyInception": "polynet.modules",
+    "PolyNet": "polynet.network",
+    "PolyNetConfig": "polynet.network",
+    "Polynomial": "polynet.algebra",
+    "named_expression": "polynet.algebra",
+    "parse": "polynet.algebra",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'polynet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if not os.environ.get("POLYNET_DEFER_IMPORTS"):
+    importlib.import_module("polynet.zoo")  # registers the models with timm

@@ -16,7 +16,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from polynet.network import PARTS, PolyNet
 
 
-
 @dataclass
 class Cost:
     """Parameters and MACs of one part of a network.

@@ -81,8 +81,8 @@ def check_output(
         target = path.parent
     blocked = _writable_dir(target)
     if blocked is not None:
-        reason = "is not a folder" if blocked.exists() and not blocked.is_dir() else (
-            "is not writable"
+        reason = (
+            "is not a folder" if blocked.exists() and not blocked.is_dir() else ("is not writable")
         )
         raise UserError(f"cannot write {what} {path}: {blocked} {reason}; choose another {what}")
     return path

@@ -36,12 +36,13 @@ from polynet.ablation.studies import (
     build_study,
     create_study_model,
 )
-from polynet.checkpoint import atomic_write, load_checkpoint
+from polynet.checkpoint import atomic_write
 from polynet.cost import count_macs, count_params, model_cost
 from polynet.data import build_dataset
 from polynet.evaluation import SingleCrop, evaluate
+from polynet.loading import load_model
 from polynet.network import PolyNet
-from polynet.train import TrainConfig, build_config, train
+from polynet.training import TrainConfig, build_config, run_identity, train
 
 # One recipe for every config of a study. The small scale is the first tuned Fashion-MNIST
 # recipe (the paper's RMSProp with epsilon 1.0, cosine decay, mild crops, label smoothing),
@@ -178,9 +179,8 @@ def recipe_for(config: StudyConfig, options: StudyOptions, seed: int, out: Path)
 
 
 def _recipe_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """Keep the settings that change what a run computes (not where or how it reports)."""
-    skip = {"out", "progress", "resume", "overwrite", "log_every", "checkpoint_every", "workers"}
-    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    """The settings that change what a run computes (TrainConfig declares which)."""
+    return run_identity(cfg)
 
 
 def _input_size(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -330,9 +330,8 @@ def _timing(
 
 def _evaluate_run(run_dir: Path, data: str, options: StudyOptions) -> dict[str, Any]:
     """Top-1 and top-5 of a run's final weights on the validation split."""
-    payload = load_checkpoint(run_dir / "last.pt")
-    model = create_study_model(payload["model_name"], **payload["model_kwargs"])
-    model.load_state_dict(payload["model"])
+    model, file = load_model(run_dir / "last.pt", factory=create_study_model, adapt=False)
+    payload = file.payload
     data_cfg = dict(payload["pretrained_cfg"])
     data_cfg["input_size"] = tuple(data_cfg["input_size"])
     dataset = build_dataset(data, "val")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from polynet.ablation import STUDIES, StudyOptions, build_study, run_study
+from polynet.cli import summary
 
 # What --publish copies: small text and PNG files, never the runs' checkpoints.
 PUBLISHED = ("report.md", "results.csv", "results.json", "timing.json", "study.json", "fig*.png")
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``ablate`` subcommand."""
     p = subparsers.add_parser(
         "ablate",
-        help="run an ablation study of the paper (stages, mixing, depth, scaling)",
+        help=summary("ablate"),
         description=(
             "Train and evaluate every config of a study with one recipe, time one training "
             "iteration of each (configs interleaved), and write results.csv/json, the paper's "

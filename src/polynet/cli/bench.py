@@ -9,13 +9,14 @@ from pathlib import Path
 
 from polynet.bench import CANDIDATES, BenchConfig, run_benchmark, to_markdown
 from polynet.checkpoint import atomic_write
+from polynet.cli import summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``bench`` subcommand."""
     p = subparsers.add_parser(
         "bench",
-        help="benchmark polynet_very_deep against the released port and timm's IR-v2",
+        help=summary("bench"),
         description="Measure inference and training images/s, peak memory, MACs and achieved "
         "GFLOP/s of every candidate, interleaved in one process with the same threads and "
         "inputs. Compare the ratios; absolute times depend on the machine's load.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from polynet.cli import summary
 from polynet.loading import convert
 from polynet.weights import PORT_MODEL
 
@@ -12,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``convert`` subcommand."""
     p = subparsers.add_parser(
         "convert",
-        help="convert weights (e.g. the released polynet-f71d82a5.pth) to .safetensors",
+        help=summary("convert"),
         description=(
             "Convert a weights file (the released port's state dict, a polynet checkpoint or "
             "safetensors) to .safetensors with the model name and preprocessing in its "

@@ -9,6 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from polynet.cli import summary
 from polynet.evaluation import MultiCrop, SingleCrop
 from polynet.evaluation.api import REPORT_FILES, evaluate_weights, write_reports
 from polynet.evaluation.pooling import DEFAULT_TOP_FRACTION, SCORE_TYPES
@@ -18,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand."""
     p = subparsers.add_parser(
         "eval",
-        help="top-1/top-5 accuracy, per-class accuracy and a confusion matrix of a model",
+        help=summary("eval"),
         description=(
             "Evaluate a checkpoint or weights file. Single-crop follows the model's "
             "pretrained_cfg; --multi-crop is the paper's 36 crops x scales with top-k pooling. "

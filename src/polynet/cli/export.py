@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from polynet.cli import summary
 from polynet.export import FORMATS, example_input, export, onnx_max_error
 from polynet.loading import load_model
 from polynet.zoo import check_model_name, create_model
@@ -12,7 +13,7 @@ from polynet.zoo import check_model_name, create_model
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` subcommand."""
     p = subparsers.add_parser(
-        "export", help="export a model to ONNX (dynamic batch) or TorchScript"
+        "export", help=summary("export")
     )
     p.add_argument("model", help="a registered model name (see 'polynet list')")
     p.add_argument("--checkpoint", help="weights to load (random weights without it)")

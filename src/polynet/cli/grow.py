@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 
 from polynet.checkpoint import save_checkpoint
+from polynet.cli import summary
 from polynet.grow import grow
 from polynet.loading import load_model
 from polynet.modules import SHARINGS
 from polynet.outputs import check_output
 
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``grow`` subcommand."""
     p = subparsers.add_parser(
         "grow",
-        help="grow a trained checkpoint into a deeper PolyNet (initialization by insertion)",
+        help=summary("grow"),
         description=(
             "Copy a trained network's stem, reductions, head and residual blocks F into a "
             "deeper or richer PolyNet: replaced units keep F and get new blocks G, H, ...; new "

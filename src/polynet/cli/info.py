@@ -5,18 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 
+from polynet.cli import summary
 from polynet.cost import model_cost
 from polynet.zoo import MODELS, create_model, list_models
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``list`` and ``info`` subcommands."""
-    p = subparsers.add_parser("list", help="list the registered models")
+    p = subparsers.add_parser(
+        "list", help=summary("list"))
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'polynet_3_6_3_b*'")
     p.set_defaults(func=run_list)
 
     p = subparsers.add_parser(
-        "info", help="parameters and MACs of a model, per stage and per module type"
+        "info", help=summary("info")
     )
     p.add_argument("model", help="a registered model name (see 'polynet list')")
     p.add_argument("--spec", help="network spec for the generic 'polynet' model")

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from polynet.predict import predict
+from polynet.cli import summary
 from polynet.loading import load_model
+from polynet.predict import predict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` subcommand."""
     p = subparsers.add_parser(
-        "predict", help="classify images with trained weights (top-5 with class names)"
+        "predict", help=summary("predict")
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument(

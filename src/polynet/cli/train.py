@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from polynet.training.config import PRESETS, TrainConfig, build_config
+from polynet.cli import summary
+from polynet.training.config import PRESETS, TrainConfig, layer_values
 
 # Help for each flag: the first sentence of the field's description in TrainConfig's docstring.
 _HELP = {
@@ -48,6 +49,8 @@ def _add_field(group: argparse._ArgumentGroup, f: dataclasses.Field, annotation:
         group.add_argument(
             flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
         )
+    elif kind is tuple and Ellipsis in typing.get_args(annotation):
+        group.add_argument(flag, nargs="*", type=float, default=None, metavar="X", help=help_text)
     elif kind is tuple:
         group.add_argument(
             flag, nargs=2, type=float, default=None, metavar=("MIN", "MAX"), help=help_text
@@ -62,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand."""
     p = subparsers.add_parser(
         "train",
-        help="train a model (the paper's recipe, presets, YAML configs, resume, torchrun)",
+        help=summary("train"),
         description=(
             "Train a PolyNet on Fashion-MNIST or an ImageNet-layout folder. Settings come from "
             "--preset, then --config YAML, then flags. Launch with torchrun for several "
@@ -84,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    cfg = build_config(args.preset, args.config, **overrides)
-    result = train(cfg)
+    # Only what was given explicitly: a bare --resume continues the saved run as it was.
+    explicit = layer_values(args.preset, args.config, **overrides)
+    result = train(explicit)
+    cfg = result.config
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: the main process reports
         return 0
     if result.final_top1 is not None:

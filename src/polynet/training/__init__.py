@@ -1,9 +1,16 @@
 """Training: the paper's recipe (RMSProp, step decay, stochastic paths) on real data.
 
-See :func:`polynet.train.train` for the entry point and :class:`TrainConfig` for the settings.
+See :func:`polynet.training.train` for the entry point and :class:`TrainConfig` for the settings.
 """
 
-from polynet.training.config import PRESETS, TrainConfig, build_config, load_yaml
+from polynet.training.config import (
+    PRESETS,
+    TrainConfig,
+    build_config,
+    defines_run,
+    load_yaml,
+    run_identity,
+)
 from polynet.training.loop import TrainingDiverged, TrainResult, train
 from polynet.training.recipe import build_optimizer, build_scheduler, lr_factor
 
@@ -17,5 +24,7 @@ __all__ = [
     "build_scheduler",
     "load_yaml",
     "lr_factor",
+    "defines_run",
+    "run_identity",
     "train",
 ]

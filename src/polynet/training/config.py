@@ -19,19 +19,25 @@ from typing import Any
 
 import yaml
 
-# Settings that may change when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = frozenset(
-    {"resume", "overwrite", "workers", "progress", "log_every", "checkpoint_every", "init_from"}
-)
+
+def _how(default: Any) -> Any:
+    """A setting of *how* a run is carried out, not *what* it computes.
+
+    It may differ when a run is resumed and does not enter the ablation cache's identity:
+    where the run is written, threads and workers, progress, logging and checkpoint cadence.
+    Every other field defines the run (:func:`defines_run`).
+    """
+    return field(default=default, metadata={"defines_run": False})
 
 
 @dataclass
 class TrainConfig:
     """Every setting of a training run.
 
-    The run length is ``steps`` (optimizer iterations) when set, else ``epochs``; ``lr_decay_every``
-    and ``warmup`` are in the same unit. The learning rate is ``lr_base * batch_size /
-    lr_base_batch`` unless ``lr`` is given.
+    The run length is ``steps`` (optimizer iterations) when set, else ``epochs``; ``warmup`` and
+    an explicit ``lr_decay_every`` are in the same unit, the default decay points are fractions
+    of the run. Fields made with ``_how`` do not change what is computed (:func:`defines_run`).
+    The learning rate is ``lr_base * batch_size / lr_base_batch`` unless ``lr`` is given.
 
     Attributes:
         model: Registered model name.
@@ -45,8 +51,11 @@ class TrainConfig:
         lr: Learning rate; None means ``lr_base`` scaled linearly with the batch size.
         lr_base: Learning rate for a batch of ``lr_base_batch`` images.
         lr_base_batch: Reference batch size of ``lr_base``.
-        lr_schedule: ``"step"`` (x ``lr_decay_rate`` every ``lr_decay_every``) or ``"cosine"``.
-        lr_decay_every: Interval of the step decay, in the run-length unit.
+        lr_schedule: ``"step"`` (x ``lr_decay_rate`` at each decay point) or ``"cosine"``.
+        lr_decay_every: Interval of the step decay, in the run-length unit (None: decay at
+            ``lr_decay_at``).
+        lr_decay_at: Step-decay points as fractions of the run, whichever unit its length is
+            given in (the paper: 160K, 320K and 480K of 560K iterations).
         lr_decay_rate: Factor of each step decay.
         warmup: Linear warm-up length, in the run-length unit.
         momentum: Momentum (RMSProp and SGD).
@@ -88,7 +97,7 @@ class TrainConfig:
     model: str = "polynet_small"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: str = "fashion-mnist"
-    out: str = "runs/polynet"
+    out: str = _how("runs/polynet")
     epochs: float = 10.0
     steps: int | None = None
     batch_size: int = 256
@@ -97,7 +106,8 @@ class TrainConfig:
     lr_base: float = 0.45
     lr_base_batch: int = 256
     lr_schedule: str = "step"
-    lr_decay_every: float = 3.0
+    lr_decay_every: float | None = None
+    lr_decay_at: tuple[float, ...] = (2 / 7, 4 / 7, 6 / 7)
     lr_decay_rate: float = 0.1
     warmup: float = 0.0
     momentum: float = 0.9
@@ -116,21 +126,21 @@ class TrainConfig:
     val_subset: int | None = None
     train_subset: int | None = None
     final_eval: bool = True
-    checkpoint_every: int = 0
-    log_every: int = 50
-    workers: int = 2
+    checkpoint_every: int = _how(0)
+    log_every: int = _how(50)
+    workers: int = _how(2)
     seed: int = 0
     deterministic: bool = False
-    threads: int = 0
+    threads: int = _how(0)
     device: str = "auto"
     amp: str = "none"
     channels_last: bool | None = None
     compile: bool = False
     sync_bn: bool = False
     init_from: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    resume: bool = _how(False)
+    overwrite: bool = _how(False)
+    progress: bool = _how(True)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -159,7 +169,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr_base=0.45,
         lr_base_batch=256,
         lr_schedule="step",
-        lr_decay_every=160_000,
+        lr_decay_at=(2 / 7, 4 / 7, 6 / 7),  # x0.1 at 160K, 320K and 480K of 560K
         lr_decay_rate=0.1,
         warmup=0,
         crop_scale=(0.08, 1.0),
@@ -206,12 +216,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
 _CHOICES = {
     "optimizer": ("rmsproptf", "sgd", "adamw"),
     "lr_schedule": ("step", "cosine"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("none", "bf16", "fp16"),
 }
+
+
+def defines_run(name: str) -> bool:
+    """Whether a setting changes what a run computes (resume and caches compare only these)."""
+    return _FIELDS[name].metadata.get("defines_run", True)
+
+
+def run_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings that define what ``cfg`` computes, as plain values."""
+    return {k: v for k, v in cfg.to_dict().items() if defines_run(k)}
 
 
 def _field_types() -> dict[str, Any]:
@@ -237,6 +259,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     expected = origin or annotation
     if expected is tuple:
         args = typing.get_args(annotation)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"config key {key!r} must be a list of numbers, got {value!r}")
+            return tuple(_coerce(key, v, args[0]) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(
                 f"config key {key!r} must be a list of {len(args)} numbers, got {value!r}"
@@ -302,7 +328,15 @@ def validate(cfg: TrainConfig) -> None:
     _range(cfg.lr_base_batch >= 1, f"lr_base_batch must be at least 1, got {cfg.lr_base_batch}")
     _range(cfg.epochs > 0, f"epochs must be positive, got {cfg.epochs}")
     _range(cfg.steps is None or cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
-    _range(cfg.lr_decay_every > 0, f"lr_decay_every must be positive, got {cfg.lr_decay_every}")
+    _range(
+        cfg.lr_decay_every is None or cfg.lr_decay_every > 0,
+        f"lr_decay_every must be positive, got {cfg.lr_decay_every}",
+    )
+    _range(
+        all(0 < f < 1 for f in cfg.lr_decay_at)
+        and list(cfg.lr_decay_at) == sorted(cfg.lr_decay_at),
+        f"lr_decay_at must be increasing fractions of the run in (0, 1), got {cfg.lr_decay_at}",
+    )
     _range(0 < cfg.lr_decay_rate <= 1, f"lr_decay_rate must be in (0, 1], got {cfg.lr_decay_rate}")
     _range(cfg.warmup >= 0, f"warmup must be at least 0, got {cfg.warmup}")
     _range(0 <= cfg.momentum < 1, f"momentum must be in [0, 1), got {cfg.momentum}")
@@ -360,6 +394,28 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return values
 
 
+def layer_values(
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """The explicitly given settings: a preset, a YAML file and overrides, later ones winning.
+
+    Raises:
+        ValueError: For an unknown preset or key.
+
+    """
+    file_values = load_yaml(config_file) if config_file else {}
+    preset = preset or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    check_keys(file_values, str(config_file))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    check_keys(overrides, "the arguments")
+    return {**PRESETS.get(preset or "", {}), **file_values, **overrides}
+
+
 def build_config(
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
@@ -376,13 +432,4 @@ def build_config(
         ValueError: For an unknown preset or key, a wrong type or an out-of-range value.
 
     """
-    file_values = load_yaml(config_file) if config_file else {}
-    preset = preset or file_values.pop("preset", None)
-    file_values.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    check_keys(file_values, str(config_file))
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    check_keys(overrides, "the arguments")
-    values = {**PRESETS.get(preset or "", {}), **file_values, **overrides}
-    return TrainConfig(**values)
+    return TrainConfig(**layer_values(preset, config_file, **overrides))

@@ -15,33 +15,28 @@ where the saved one stopped (bitwise on CPU in deterministic mode).
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm import tqdm
 
-from polynet.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from polynet.data import build_dataset
+from polynet.errors import UserError
+from polynet.loading import build_from_file
 from polynet.network import compile_units
 from polynet.training.batches import FolderTrainBatches, TensorTrainBatches, eval_batches
-from polynet.training.config import RESUMABLE_CHANGES, TrainConfig, build_config, load_yaml
+from polynet.training.config import TrainConfig, build_config
 from polynet.training.distributed import (
     DistInfo,
     all_sum,
@@ -51,24 +46,17 @@ from polynet.training.distributed import (
     shutdown_distributed,
     train_batches,
 )
+from polynet.training.logs import RunLog, plot_curves
 from polynet.training.recipe import build_optimizer, build_scheduler
-from polynet.zoo import create_model
+from polynet.training.rundir import RUN_FILES, RunFolder, resumed_config
+from polynet.training.state import TrainState, rng_state, seed_everything, set_rng_state
+from polynet.weights import fit_state_dict, read_weights
+from polynet.zoo import check_model_name, create_model
 
-# Files a run writes into its output folder (``--overwrite`` removes only these).
-RUN_FILES = (
-    "config.yaml",
-    "last.pt",
-    "last.next.pt",
-    "last.prev.pt",
-    "best.pt",
-    "metrics.csv",
-    "metrics.json",
-    "curve.png",
-    "train.log",
-)
+__all__ = ["RUN_FILES", "TrainResult", "Trainer", "TrainingDiverged", "plot_curves", "train"]
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -78,6 +66,7 @@ class TrainResult:
 
     Attributes:
         out: The output folder.
+        config: The run's whole configuration (a resumed run's is the saved one).
         final_top1: Top-1 (%) of the final weights on the whole validation split (or None).
         final_loss: Mean loss there.
         val_images: Images in that evaluation.
@@ -91,6 +80,7 @@ class TrainResult:
     """
 
     out: Path
+    config: TrainConfig
     final_top1: float | None = None
     final_loss: float | None = None
     val_images: int = 0
@@ -109,6 +99,10 @@ def train(
 ) -> TrainResult:
     """Train a model; see :class:`~polynet.training.config.TrainConfig` for every setting.
 
+    With ``resume=True`` the run saved in ``out`` continues from its own configuration; the
+    settings given here may differ from it only in how the run is carried out (threads,
+    progress, ...), see :func:`~polynet.training.rundir.resumed_config`.
+
     Args:
         config: A config, or a mapping of config keys (``preset`` and ``config_file`` allowed).
         model_factory: Builds ``cfg.model`` from its name and keyword arguments; the registry's
@@ -124,43 +118,28 @@ def train(
 
     """
     if isinstance(config, TrainConfig):
-        cfg = build_config(**{**config.to_dict(), **overrides}) if overrides else config
+        defaults = TrainConfig()
+        explicit = {
+            k: v for k, v in config.to_dict().items() if v != getattr(defaults, k) or k == "out"
+        }
     else:
-        cfg = build_config(**{**(config or {}), **overrides})
+        explicit = dict(config or {})
+    explicit.update(overrides)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        # torchrun restarted the workers after a failure: continue this run from its last
+        # checkpoint (--overwrite would otherwise delete what the first attempt trained).
+        explicit.update(resume=True, overwrite=False)
+    if explicit.get("resume"):
+        cfg = resumed_config(explicit)
+    elif isinstance(config, TrainConfig) and not overrides:
+        cfg = config
+    else:
+        cfg = build_config(**explicit)
     trainer = Trainer(cfg, model_factory)
     try:
         return trainer.run()
     finally:
         trainer.close()
-
-
-def _rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and Python's ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 class Trainer:
@@ -169,36 +148,18 @@ class Trainer:
     def __init__(
         self, cfg: TrainConfig, model_factory: Callable[..., nn.Module] = create_model
     ) -> None:
+        if model_factory is create_model and not cfg.init_from:
+            check_model_name(cfg.model)  # before anything slower can fail for another reason
         self.model_factory = model_factory
-        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not cfg.resume:
-            # torchrun restarted the workers after a failure: continue this run from its last
-            # checkpoint (--overwrite would otherwise delete what the first attempt trained).
-            cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
         self.cfg = cfg
         self.start_time = time.time()
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        elif cfg.device != "cuda" and hasattr(os, "getloadavg"):
-            # Threads beyond the idle cores spin against other processes and run slower.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0]))))
-        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available; use --device cpu")
-        self.device = torch.device("cuda" if want_cuda else "cpu")
+        self._set_threads()
+        self.device = self._device()
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
-            raise ValueError(
-                "sync_bn needs CUDA (SyncBatchNorm has no CPU version); drop --sync-bn"
-            )
-        if cfg.batch_size % self.dist.world_size:
-            raise ValueError(
-                f"batch_size {cfg.batch_size} does not split evenly over "
-                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
-            )
+        self._check_parallel()
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -207,76 +168,67 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         seed_everything(cfg.seed + self.dist.rank)
         self.out = Path(cfg.out)
-        self.log_file = None
-        self.writer = None
-        self._prepare_out()
-        self._build_data()
-        self._build_model()
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler, self.total_steps = build_scheduler(
-            self.optimizer, cfg, self.steps_per_epoch
-        )
-        self.scaler = torch.amp.GradScaler(
-            self.device.type, enabled=cfg.amp == "fp16" and self.device.type == "cuda"
-        )
-        self.state: dict[str, Any] = dict(
-            epoch=0,
-            step_in_epoch=0,
-            global_step=0,
-            path_drop_on=False,
-            path_drop_epoch=None,
-            best_top1=None,
-            epoch_sums=[0.0, 0.0, 0.0],  # loss * images, correct, images
-            history=[],
-        )
-        if cfg.resume:
-            self._resume()
-        if self.dist.is_main:
-            # Written once data, model and checkpoint have loaded: a run that fails to start
-            # leaves no config.yaml, so the corrected command is not refused as another run.
-            text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-            atomic_write(self.out / "config.yaml", lambda f: f.write(text.encode()))
-            self._open_logs()
+        self.folder = RunFolder(self.out, self.dist.is_main)
+        self.log = RunLog(self.out, self.dist.is_main)
+        self.folder.check(cfg)
+        barrier(self.dist)  # every process has checked before the main one writes
+        self.folder.prepare(cfg)
+        self.log.open_file()
+        barrier(self.dist)
+        try:
+            self._build_data()
+            self._build_model()
+            self.optimizer = build_optimizer(self.model, cfg)
+            self.scheduler, self.total_steps = build_scheduler(
+                self.optimizer, cfg, self.steps_per_epoch
+            )
+            self.scaler = torch.amp.GradScaler(
+                self.device.type, enabled=cfg.amp == "fp16" and self.device.type == "cuda"
+            )
+            self.state = TrainState()
+            if cfg.resume:
+                self._resume()
+        except BaseException:
+            self.log.close()
+            self.folder.abandon()  # a run that fails to start leaves no empty folder behind
+            raise
+        # Written once data, model and checkpoint have loaded: a run that fails to start
+        # leaves no config.yaml, so the corrected command is not refused as another run.
+        self.folder.write_config(cfg)
+        self.log.open_writer(self.state.global_step)
 
     # ----------------------------------------------------------------------------------------
     # Setup
 
-    def _prepare_out(self) -> None:
-        cfg, config_file = self.cfg, self.out / "config.yaml"
-        current = cfg.to_dict()
-        if config_file.is_file() and not cfg.overwrite:
-            if not cfg.resume:
-                raise ValueError(
-                    f"output folder {self.out} already holds a run; pass --resume to continue "
-                    "it, --overwrite to replace it, or choose another --out"
-                )
-            saved = load_yaml(config_file)  # plain data only; a bad file is a clear error
-            differs = sorted(
-                k
-                for k in set(saved) | set(current)
-                if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
+    def _set_threads(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        elif self.cfg.device != "cuda" and hasattr(os, "getloadavg"):
+            # Threads beyond the idle cores spin against other processes and run slower.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0]))))
+
+    def _device(self) -> torch.device:
+        cfg = self.cfg
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu")
+        if cfg.amp == "fp16" and not want_cuda:
+            raise UserError(
+                "--amp fp16 needs CUDA (float16 autocast is slow and unscaled on a CPU); use "
+                "--amp bf16 or --amp none on the CPU"
             )
-            if differs:
-                raise ValueError(
-                    f"output folder {self.out} holds a different run (differs in "
-                    f"{', '.join(differs)}); resume with the same settings or use --overwrite"
-                )
-        barrier(self.dist)  # every process has checked before the main one writes
-        if self.dist.is_main:
-            if cfg.overwrite:
-                for name in RUN_FILES:
-                    (self.out / name).unlink(missing_ok=True)
-                shutil.rmtree(self.out / "tb", ignore_errors=True)
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-            except OSError as err:  # a file in the path, a read-only or full file system, ...
-                raise OSError(
-                    f"cannot create output folder {self.out}: {err.strerror}; choose another --out"
-                ) from err
-            if not os.access(self.out, os.W_OK):
-                raise PermissionError(f"output folder {self.out} is not writable")
-            self.log_file = open(self.out / "train.log", "a")  # noqa: SIM115 - closed in close()
-        barrier(self.dist)
+        return torch.device("cuda" if want_cuda else "cpu")
+
+    def _check_parallel(self) -> None:
+        cfg = self.cfg
+        if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
+            raise UserError("sync_bn needs CUDA (SyncBatchNorm has no CPU version); drop --sync-bn")
+        if cfg.batch_size % self.dist.world_size:
+            raise UserError(
+                f"batch_size {cfg.batch_size} does not split evenly over "
+                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
+            )
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -291,36 +243,34 @@ class Trainer:
             g = torch.Generator().manual_seed(cfg.seed)
             self.train_indices = torch.randperm(n, generator=g)[: cfg.train_subset].sort().values
         if len(self.train_indices) < cfg.batch_size:
-            raise ValueError(
+            raise UserError(
                 f"the training set has {len(self.train_indices)} images, fewer than one batch "
                 f"of {cfg.batch_size}; lower --batch-size"
             )
         self.steps_per_epoch = len(self.train_indices) // cfg.batch_size
 
+    def _initial_model(self) -> nn.Module:
+        """Build the model: from ``--init-from``'s own architecture, or ``cfg.model``."""
+        cfg = self.cfg
+        kwargs = dict(cfg.model_kwargs, num_classes=len(self.classes))
+        if not cfg.init_from:
+            self.model_name = cfg.model
+            return self.model_factory(cfg.model, **kwargs)
+        weights = read_weights(cfg.init_from)
+        model, self.model_name = build_from_file(weights, None, self.model_factory, **kwargs)
+        if weights.model_name and weights.model_name != cfg.model:
+            self.log(
+                f"warning: --init-from {cfg.init_from} holds {weights.model_name}; training "
+                f"that architecture (not --model {cfg.model})"
+            )
+        with warnings.catch_warnings():  # a new head for other classes is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            model.load_state_dict(fit_state_dict(weights, model))
+        return model
+
     def _build_model(self) -> None:
         cfg = self.cfg
-        name, kwargs = cfg.model, dict(cfg.model_kwargs)
-        init_payload = None
-        if cfg.init_from:
-            # The checkpoint names its architecture (e.g. a network grown by 'polynet grow').
-            init_payload = load_checkpoint(cfg.init_from)
-            name = init_payload["model_name"]
-            kwargs = {**init_payload.get("model_kwargs", {}), **kwargs}
-        kwargs["num_classes"] = len(self.classes)
-        model = self.model_factory(name, **kwargs)
-        if init_payload is not None:
-            weights = init_payload["model"]
-            head = [k for k in weights if k.startswith("last_linear.")]
-            if any(weights[k].shape != model.state_dict()[k].shape for k in head):
-                weights = {k: v for k, v in weights.items() if k not in head}
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            missing = [k for k in missing if not k.startswith("last_linear.")]
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"--init-from {cfg.init_from} does not fit {name}: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}"
-                )
-        self.model_name, self.model_kwargs = name, kwargs
+        model = self._initial_model()
         self.raw_model = model.to(self.device)
         self.data_cfg = dict(model.pretrained_cfg)
         self.data_cfg["input_size"] = (
@@ -360,51 +310,35 @@ class Trainer:
             aug = dict(self.data_cfg, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip)
             self.batches = FolderTrainBatches(self.train_set, aug, cfg.seed, cfg.workers)
 
-    def _open_logs(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(
-            str(self.out / "tb"), purge_step=self.state["global_step"] or None
-        )
-
-    def log(self, message: str) -> None:
-        """Print a message (main process only) and append it to ``train.log``."""
-        if not self.dist.is_main:
-            return
-        tqdm.write(f"polynet: {message}", file=sys.stderr)
-        if self.log_file:
-            self.log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-            self.log_file.flush()
-
     def close(self) -> None:
         """Close log files and leave the process group."""
-        if self.writer:
-            self.writer.close()
-        if self.log_file:
-            self.log_file.close()
+        self.log.close()
         shutdown_distributed()
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints
 
     def _payload(self) -> dict[str, Any]:
-        rng = _rng_state()
+        rng = rng_state()
         if self.dist.enabled:
             every: list[Any] = [None] * self.dist.world_size
             dist.all_gather_object(every, rng)
         else:
             every = [rng]
+        config = getattr(self.raw_model, "config", None)
         return dict(
             model_name=self.model_name,
-            model_kwargs=self.model_kwargs,
+            model_config=config.to_dict() if config is not None else {},
+            # Models without a config (the ablation's ResNets) are rebuilt from these.
+            model_kwargs={} if config is not None else dict(self.cfg.model_kwargs),
             model=self.raw_model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
             rng=every,
-            train_state=dict(self.state),
+            train_state=self.state.to_dict(),
             config=self.cfg.to_dict(),
-            classes=self.classes,
+            class_names=self.classes,
             pretrained_cfg={
                 k: list(v) if isinstance(v, tuple) else v
                 for k, v in self.data_cfg.items()
@@ -417,42 +351,11 @@ class Trainer:
 
         Every process takes part (RNG states are gathered); only the main one writes.
         """
-        payload = self._payload()
-        if self.dist.is_main:
-            # Write the new file completely before touching the old ones: a full disk or a
-            # crash leaves last.pt (or, between the renames, last.next.pt) usable.
-            last, following = self.out / "last.pt", self.out / "last.next.pt"
-            save_checkpoint(following, payload)
-            if last.exists():
-                os.replace(last, self.out / "last.prev.pt")
-            os.replace(following, last)
-            if best:
-                save_checkpoint(self.out / "best.pt", payload)
+        self.folder.save(self._payload(), best)
         barrier(self.dist)
 
     def _resume(self) -> None:
-        if self.dist.is_main:
-            # Temporary files of saves killed mid-write (SIGKILL, power loss) are never read.
-            for name in RUN_FILES:
-                for stale in self.out.glob(f".{name}.*.tmp"):
-                    stale.unlink(missing_ok=True)
-        payload, unusable = None, []
-        for name in ("last.next.pt", "last.pt", "last.prev.pt"):  # newest first
-            path = self.out / name
-            if not path.exists():
-                continue
-            try:
-                payload = load_checkpoint(path, map_location=self.device)
-                break
-            except CheckpointError as err:
-                unusable.append(name)
-                self.log(f"warning: {err}; trying the previous checkpoint")
-        if payload is None and unusable:
-            # Starting again would overwrite them; leave that decision to the user.
-            raise CheckpointError(
-                f"no usable checkpoint in {self.out} ({', '.join(unusable)} unreadable, left "
-                "untouched); restore one, or pass --overwrite instead of --resume to start again"
-            )
+        payload = self.folder.latest_checkpoint(self.device, self.log)
         if payload is None:
             self.log(f"no checkpoint to resume in {self.out}; starting from the beginning")
             return
@@ -460,14 +363,13 @@ class Trainer:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
-        self.state = dict(payload["train_state"])
+        self.state = TrainState.from_dict(payload["train_state"])
         rng = payload["rng"]
-        _set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
-        if self.state["path_drop_on"]:
+        set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
+        if self.state.path_drop_on:
             self.raw_model.set_path_drop(self.cfg.path_drop)
         self.log(
-            f"resumed {self.out} at epoch {self.state['epoch'] + 1}, step "
-            f"{self.state['global_step']}"
+            f"resumed {self.out} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
         )
 
     # ----------------------------------------------------------------------------------------
@@ -503,7 +405,7 @@ class Trainer:
             count += len(labels)
         loss_sum, correct, count = all_sum(self.dist, loss_sum, correct, count)
         if count == 0:
-            raise ValueError("no readable validation image")
+            raise UserError("no readable validation image; check the validation folder")
         return loss_sum / count, 100.0 * correct / count, int(count)
 
     @torch.no_grad()
@@ -549,7 +451,7 @@ class Trainer:
 
     def _switch_path_drop(self, epoch: int, reason: str) -> None:
         self.raw_model.set_path_drop(self.cfg.path_drop)
-        self.state["path_drop_on"], self.state["path_drop_epoch"] = True, epoch
+        self.state.path_drop_on, self.state.path_drop_epoch = True, epoch
         self.log(
             f"stochastic paths on from epoch {epoch + 1} ({reason}): drop probability 0 at the "
             f"first unit rising to {self.cfg.path_drop} at the last"
@@ -564,12 +466,7 @@ class Trainer:
         loss_value = loss.item()
         finite = all_sum(self.dist, float(math.isfinite(loss_value)))[0] == self.dist.world_size
         if not finite:
-            raise TrainingDiverged(
-                f"the training loss became {loss_value} at step {self.state['global_step'] + 1} "
-                f"(epoch {self.state['epoch'] + 1}); stopped without saving, the last good "
-                f"checkpoint is {self.out / 'last.pt'}: lower the learning rate (--lr) or "
-                "check the data, then --resume"
-            )
+            raise TrainingDiverged(self._divergence_message(loss_value))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -578,12 +475,26 @@ class Trainer:
         correct = (logits.detach().argmax(1) == labels).sum().item()
         return loss_value, correct
 
+    def _divergence_message(self, loss: float) -> str:
+        where = f"at step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
+        saved = self.folder.newest_saved()
+        if saved is None:
+            return (
+                f"the training loss became {loss} {where}, before any checkpoint was saved; "
+                "start again with a lower learning rate (--lr) or check the data"
+            )
+        return (
+            f"the training loss became {loss} {where}; stopped without saving (the last good "
+            f"checkpoint is {saved}): check the data, or train on from those weights with a "
+            f"lower learning rate in a new run (--init-from {saved} --lr ... --out ...)"
+        )
+
     def run(self) -> TrainResult:
         """Train to the end of the configured run and evaluate the final weights."""
         cfg, state = self.cfg, self.state
         num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         session_images, session_start = 0, time.time()
-        if state["global_step"] == 0:
+        if state.global_step == 0:
             params = sum(p.numel() for p in self.raw_model.parameters())
             self.log(
                 f"training {self.model_name} ({params:,} parameters) on {cfg.data}: "
@@ -592,10 +503,10 @@ class Trainer:
                 f"{cfg.learning_rate:g}, {self.dist.world_size} process(es) on {self.device} "
                 f"({torch.get_num_threads()} threads)"
             )
-        while state["global_step"] < self.total_steps:
-            epoch = state["epoch"]
+        while state.global_step < self.total_steps:
+            epoch = state.epoch
             if (
-                not state["path_drop_on"]
+                not state.path_drop_on
                 and cfg.path_drop_epoch is not None
                 and epoch >= cfg.path_drop_epoch
                 and cfg.path_drop > 0
@@ -605,9 +516,9 @@ class Trainer:
                 len(self.train_indices), cfg.batch_size, cfg.seed, epoch, self.dist
             )
             steps_here = min(
-                len(order), self.total_steps - (state["global_step"] - state["step_in_epoch"])
+                len(order), self.total_steps - (state.global_step - state.step_in_epoch)
             )
-            start = state["step_in_epoch"]
+            start = state.step_in_epoch
             batches = [self.train_indices[b] for b in order[start:steps_here]]
             if isinstance(self.batches, TensorTrainBatches):
                 stream = (self.batches(b, epoch, start + i) for i, b in enumerate(batches))
@@ -627,43 +538,40 @@ class Trainer:
             for images, labels in stream:
                 loss, correct = self._train_step(images, labels)
                 n = len(labels)
-                sums = state["epoch_sums"]
-                sums[0] += loss * n
-                sums[1] += correct
-                sums[2] += n
-                state["step_in_epoch"] += 1
-                state["global_step"] += 1
+                state.add_batch(loss, correct, n)
                 session_images += n * self.dist.world_size
                 elapsed = time.time() - session_start
                 rate = session_images / max(elapsed, 1e-9)
-                remaining = (self.total_steps - state["global_step"]) * cfg.batch_size / rate
+                remaining = (self.total_steps - state.global_step) * cfg.batch_size / rate
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{sums[0] / sums[2]:.3f}",
-                    acc=f"{100 * sums[1] / sums[2]:.1f}",
+                    loss=f"{state.loss_sum / state.images:.3f}",
+                    acc=f"{100 * state.correct / state.images:.1f}",
                     img_s=f"{rate:.0f}",
                     eta=f"{remaining / 60:.1f}m",
                     refresh=False,
                 )
-                if self.writer and state["global_step"] % cfg.log_every == 0:
-                    step = state["global_step"]
-                    self.writer.add_scalar("train/loss", loss, step)
-                    self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
-                    self.writer.add_scalar("train/images_per_second", rate, step)
-                if cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                    if state["step_in_epoch"] < steps_here:  # the epoch end saves anyway
+                if state.global_step % cfg.log_every == 0:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.log.scalars(
+                        state.global_step,
+                        "train",
+                        dict(loss=loss, lr=lr, images_per_second=rate),
+                    )
+                if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+                    if state.step_in_epoch < steps_here:  # the epoch end saves anyway
                         self.save()
             bar.close()
-            self._end_epoch(epoch, state["step_in_epoch"] == len(order), time.time() - tick)
+            self._end_epoch(epoch, state.step_in_epoch == len(order), time.time() - tick)
         result = self._finish(session_images, time.time() - session_start)
         return result
 
     def _end_epoch(self, epoch: int, complete: bool, seconds: float) -> None:
         cfg, state = self.cfg, self.state
-        loss_sum, correct, count = all_sum(self.dist, *state["epoch_sums"])
+        loss_sum, correct, count = all_sum(self.dist, state.loss_sum, state.correct, state.images)
         row: dict[str, Any] = dict(
-            epoch=epoch + (1 if complete else state["step_in_epoch"] / self.steps_per_epoch),
-            step=state["global_step"],
+            epoch=epoch + (1 if complete else state.step_in_epoch / self.steps_per_epoch),
+            step=state.global_step,
             lr=self.optimizer.param_groups[0]["lr"],
             train_loss=loss_sum / max(count, 1),
             train_top1=100 * correct / max(count, 1),
@@ -671,20 +579,20 @@ class Trainer:
             seconds=seconds,
         )
         is_best = False
-        last_epoch = state["global_step"] >= self.total_steps
+        last_epoch = state.global_step >= self.total_steps
         if (
             self.val_set is not None
             and cfg.eval_every
             and ((epoch + 1) % cfg.eval_every == 0 or last_epoch)
         ):
             row["val_loss"], row["val_top1"], row["val_images"] = self.evaluate(cfg.val_subset)
-            is_best = state["best_top1"] is None or row["val_top1"] > state["best_top1"]
+            is_best = state.best_top1 is None or row["val_top1"] > state.best_top1
             if is_best:
-                state["best_top1"] = row["val_top1"]
+                state.best_top1 = row["val_top1"]
             gap = row["train_top1"] - row["val_top1"]
             if (
                 cfg.path_drop_gap is not None
-                and not state["path_drop_on"]
+                and not state.path_drop_on
                 and cfg.path_drop > 0
                 and gap > cfg.path_drop_gap
                 and not last_epoch
@@ -692,7 +600,7 @@ class Trainer:
                 self._switch_path_drop(
                     epoch + 1, f"train-val top-1 gap {gap:.1f} > {cfg.path_drop_gap:g}"
                 )
-        state["history"].append(row)
+        state.history.append(row)
         val = (
             f", val loss {row['val_loss']:.4f}, val top-1 {row['val_top1']:.2f}%"
             if "val_top1" in row
@@ -702,44 +610,28 @@ class Trainer:
             f"epoch {row['epoch']:g}: train loss {row['train_loss']:.4f}, train top-1 "
             f"{row['train_top1']:.2f}%{val}, lr {row['lr']:.4g}, {seconds:.0f} s"
         )
-        if self.writer:
-            for key, value in row.items():
-                if key not in ("epoch", "step"):
-                    self.writer.add_scalar(f"epoch/{key}", value, state["global_step"])
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
-        state["epoch_sums"] = [0.0, 0.0, 0.0]
+        self.log.scalars(
+            state.global_step, "epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}
+        )
+        state.next_epoch()
         self.save(best=is_best)
-        if self.dist.is_main:
-            self._write_metrics()
-
-    def _write_metrics(self) -> None:
-        history = self.state["history"]
-        keys = list(dict.fromkeys(k for row in history for k in row))
-        tmp = self.out / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(tmp, self.out / "metrics.csv")
-        tmp = self.out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(history, indent=1))
-        os.replace(tmp, self.out / "metrics.json")
+        self.log.metrics(state.history)
 
     def _finish(self, session_images: int, seconds: float) -> TrainResult:
         cfg, state = self.cfg, self.state
         result = TrainResult(
             out=self.out,
-            best_top1=state["best_top1"],
-            steps=state["global_step"],
-            epochs=state["global_step"] / self.steps_per_epoch,
+            config=cfg,
+            best_top1=state.best_top1,
+            steps=state.global_step,
+            epochs=state.global_step / self.steps_per_epoch,
             images_per_second=session_images / max(seconds, 1e-9),
             seconds=seconds,
-            history=list(state["history"]),
+            history=list(state.history),
         )
         if self.val_set is not None and cfg.final_eval:  # on the whole split unless val_subset
-            last = state["history"][-1] if state["history"] else {}
-            if last.get("step") == state["global_step"] and "val_top1" in last:
+            last = state.history[-1] if state.history else {}
+            if last.get("step") == state.global_step and "val_top1" in last:
                 # The last epoch already evaluated these weights on the same images.
                 result.final_loss, result.final_top1 = last["val_loss"], last["val_top1"]
                 result.val_images = last["val_images"]
@@ -751,8 +643,8 @@ class Trainer:
                 f"final weights: top-1 {result.final_top1:.2f}% on the {result.val_images:,} "
                 f"{'test' if 'mnist' in cfg.data.lower() else 'validation'} images"
             )
-        if self.dist.is_main:
-            summary = dict(
+        self.folder.write_result(
+            dict(
                 final_top1=result.final_top1,
                 final_loss=result.final_loss,
                 val_images=result.val_images,
@@ -761,37 +653,7 @@ class Trainer:
                 images_per_second=result.images_per_second,
                 seconds=seconds,
             )
-            (self.out / "result.json").write_text(json.dumps(summary, indent=1))
-            plot_curves(state["history"], self.out / "curve.png")
+        )
+        if self.dist.is_main:
+            plot_curves(state.history, self.out / "curve.png")
         return result
-
-
-def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
-    """Save loss and top-1 per epoch (train and validation) as a PNG."""
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "top1", "top-1 (%)")):
-        ax.plot(epochs, [row[f"train_{key}"] for row in history], "o-", label="train")
-        val = [(row["epoch"], row[f"val_{key}"]) for row in history if f"val_{key}" in row]
-        if val:
-            ax.plot(*zip(*val, strict=True), "s-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    for row in history:
-        if row.get("path_drop"):
-            ax_acc.axvline(row["epoch"] - 1, color="gray", ls="--", lw=0.8)
-            break
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)

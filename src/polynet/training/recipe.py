@@ -12,8 +12,9 @@ timm's ``RMSpropTF`` implements exactly this (``tests/test_train.py`` checks one
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from timm.optim import RMSpropTF
@@ -48,7 +49,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def lr_factor(
     total_steps: int,
     schedule: str,
-    decay_every_steps: float,
+    decay_steps: Sequence[float],
     decay_rate: float,
     warmup_steps: float,
 ) -> Callable[[int], float]:
@@ -56,23 +57,32 @@ def lr_factor(
 
     Args:
         total_steps: Run length in optimizer steps.
-        schedule: ``"step"``: ``decay_rate ** (i // decay_every_steps)``; ``"cosine"``: half a
-            cosine from 1 to 0 over the run.
-        decay_every_steps: Step-decay interval (the paper: 160K).
+        schedule: ``"step"``: ``decay_rate ** (number of decay points <= i)``; ``"cosine"``:
+            half a cosine from 1 to 0 over the run.
+        decay_steps: Steps at which the step schedule decays (the paper: 160K, 320K, 480K).
         decay_rate: Step-decay factor (the paper: 0.1).
         warmup_steps: Linear ramp from ``1 / warmup_steps`` to 1 over the first steps.
 
     """
+    points = sorted(decay_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if schedule == "step":
-            return decay_rate ** math.floor(step / decay_every_steps)
+            return decay_rate ** bisect.bisect_right(points, step)
         progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def decay_points(cfg: TrainConfig, total_steps: int, steps_per_unit: float) -> list[float]:
+    """Steps of the step decay: every ``lr_decay_every`` run units, else the run's fractions."""
+    if cfg.lr_decay_every is None:
+        return [fraction * total_steps for fraction in cfg.lr_decay_at]
+    every = max(1.0, cfg.lr_decay_every * steps_per_unit)
+    return [every * k for k in range(1, math.ceil(total_steps / every) + 1)]
 
 
 def build_scheduler(
@@ -80,14 +90,15 @@ def build_scheduler(
 ) -> tuple[torch.optim.lr_scheduler.LambdaLR, int]:
     """Build a per-step scheduler for ``cfg``; also return the run length in steps.
 
-    ``lr_decay_every`` and ``warmup`` are in steps when ``cfg.steps`` is set, else in epochs.
+    ``warmup`` and an explicit ``lr_decay_every`` are in steps when ``cfg.steps`` is set, else
+    in epochs; the default decay points are fractions of the run either way.
     """
     per_unit = 1 if cfg.steps is not None else steps_per_epoch
     total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * steps_per_epoch))
     factor = lr_factor(
         total,
         cfg.lr_schedule,
-        max(1.0, cfg.lr_decay_every * per_unit),
+        decay_points(cfg, total, per_unit),
         cfg.lr_decay_rate,
         cfg.warmup * per_unit,
     )
