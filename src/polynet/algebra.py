@@ -15,12 +15,13 @@ evaluation, so ``num_block_evals`` is the number of distinct path suffixes. An o
 mpoly module thus costs k blocks instead of k(k+1)/2.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: TorchScript reads PlanStep's field annotations as
+# types (a PolyInception's scripted forward walks its plan), and strings would be lost on it.
 import re
 from collections import Counter
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 from polynet._tokens import TokenStream
 
@@ -30,9 +31,11 @@ IDENTITY = "I"
 Word = tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class PlanStep:
+class PlanStep(NamedTuple):
     """One block evaluation of a compiled polynomial.
+
+    A NamedTuple rather than a dataclass: a PolyInception keeps its plan as an attribute, and
+    TorchScript takes lists of NamedTuples (not of dataclasses) as module attributes.
 
     Attributes:
         node: Index of this step's output; steps are topologically ordered.

@@ -154,7 +154,10 @@ class Mixed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the branches and concatenate their outputs along channels."""
-        return torch.cat([branch(x) for branch in self.branches], dim=1)
+        outs: list[torch.Tensor] = []
+        for branch in self.branches:  # a loop: TorchScript unrolls it, not a comprehension
+            outs.append(branch(x))
+        return torch.cat(outs, dim=1)
 
 
 class InceptionBlock(nn.Module):
@@ -219,14 +222,18 @@ class InceptionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, order: int = 0) -> torch.Tensor:
         """Apply the block with the norms and up-projection of power ``order``."""
-        norms = self.norms[order]
-        outs = []
-        for convs, bns in zip(self.convs, norms, strict=True):
-            h = x
-            for conv, bn in zip(convs, bns, strict=True):
-                h = self.act(bn(conv(h)))
-            outs.append(h)
-        return self.proj[order](torch.cat(outs, dim=1))  # (N, chs, H, W), no activation
+        # TorchScript indexes a ModuleList by literals only: the orders are looped over (a loop
+        # it unrolls) and the one asked for runs.
+        for i, (norms, proj) in enumerate(zip(self.norms, self.proj, strict=True)):
+            if i == order:
+                outs: list[torch.Tensor] = []
+                for convs, bns in zip(self.convs, norms, strict=True):
+                    h = x
+                    for conv, bn in zip(convs, bns, strict=True):
+                        h = self.act(bn(conv(h)))
+                    outs.append(h)
+                return proj(torch.cat(outs, dim=1))  # (N, chs, H, W), no activation
+        raise IndexError(f"order {order} of a block with {self.num_orders} orders")
 
 
 class ImageNetStem(nn.Module):

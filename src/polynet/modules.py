@@ -5,8 +5,8 @@
 separately and is the reference the cascaded form must equal.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: TorchScript reads the class annotation of ``plan``
+# below as a type, and a postponed (string) annotation would be lost on it.
 from collections.abc import Callable, Mapping
 from typing import Literal, get_args
 
@@ -57,6 +57,11 @@ class PolyInception(nn.Module):
 
     """
 
+    # Eager-only views of the unit; TorchScript would otherwise compile every property.
+    __jit_unused_properties__ = ["expression", "num_block_evals", "scale", "drop_prob"]
+    # Declared so that TorchScript keeps the steps' field names (it would infer plain tuples).
+    plan: list[PlanStep]
+
     def __init__(
         self,
         expression: str,
@@ -81,7 +86,12 @@ class PolyInception(nn.Module):
             {letter: self._make_block(letter, block) for letter in self.polynomial.letters}
         )
         self.act = act_layer()
-        self.plan: tuple[PlanStep, ...] = self.polynomial.plan()
+        self.plan = list(self.polynomial.plan())
+        # What the forward pass needs of the polynomial and the sharing mode, as plain values
+        # that TorchScript can read.
+        self.num_paths = len(self.polynomial.terms)
+        self.per_order = sharing in PER_ORDER_SHARINGS
+        self.act_between = sharing == "released"
 
     def _make_block(
         self, letter: str, block: BlockFactory | Mapping[str, nn.Module | BlockFactory]
@@ -135,20 +145,22 @@ class PolyInception(nn.Module):
             raise ValueError(f"path drop probability must be in [0, 1), got {value}")
         self._drop_prob = float(value)
 
-    def _run_block(
-        self, step_letter: str, order: int, h: torch.Tensor, inner: bool
-    ) -> torch.Tensor:
-        if inner and self.sharing == "released":
+    def _run_block(self, letter: str, order: int, h: torch.Tensor, inner: bool) -> torch.Tensor:
+        if inner and self.act_between:
             h = self.act(h)
-        block = self.blocks[step_letter]
-        return block(h, order) if self.sharing in PER_ORDER_SHARINGS else block(h)
+        # TorchScript indexes a ModuleDict by literal keys only, so the block is found by a
+        # loop over the (few) letters, which it unrolls.
+        for name, block in self.blocks.items():
+            if name == letter:
+                return block(h, order) if self.per_order else block(h)
+        raise KeyError(f"no block for the letter {letter}")
 
     def _path_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-sample keep mask over the paths, pre-scaled for inverted dropout, or None."""
         if not self.training or self._drop_prob == 0.0:
             return None
         keep = 1.0 - self._drop_prob
-        shape = (len(self.polynomial.terms), x.shape[0], 1, 1, 1)
+        shape = (self.num_paths, x.shape[0], 1, 1, 1)
         return x.new_empty(shape).bernoulli_(keep).div_(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
