@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.models._manipulate import checkpoint_seq
 from torch.profiler import ProfilerActivity, profile
 
-import polynet.network as pn
+import polynet.regional as pr
 from polynet.zoo import create_model
 
 torch.backends.cudnn.benchmark = True
@@ -53,18 +53,18 @@ def measure(label, n=6):
 base = measure("plain")
 m.set_grad_checkpointing(True)
 measure("ckpt (per unit, buffers restored)")
-orig_ckpt = pn.checkpoint
-pn.checkpoint = partial(orig_ckpt, preserve_rng_state=False)
+orig_ckpt = pr.checkpoint
+pr.checkpoint = partial(orig_ckpt, preserve_rng_state=False)
 measure("ckpt, no rng preservation")
-pn.checkpoint = orig_ckpt
-orig_ctx = pn._recompute_contexts
-pn._recompute_contexts = lambda unit: (nullcontext(), nullcontext())
+pr.checkpoint = orig_ckpt
+orig_ctx = pr._recompute_contexts
+pr._recompute_contexts = lambda unit: (nullcontext(), nullcontext())
 measure("ckpt, no buffer restore")
-pn._recompute_contexts = orig_ctx
-orig_stage = pn.PolyNet._stage
-pn.PolyNet._stage = lambda self, stage, h: checkpoint_seq(stage, h)
+pr._recompute_contexts = orig_ctx
+orig_stage = pr.Stage._checkpointed
+pr.Stage._checkpointed = lambda self, h: checkpoint_seq(self, h)
 measure("ckpt, timm checkpoint_seq (old)")
-pn.PolyNet._stage = orig_stage
+pr.Stage._checkpointed = orig_stage
 m.set_grad_checkpointing(False)
 measure("plain again")
 m.set_grad_checkpointing(True)

@@ -3,22 +3,23 @@
 The network is built from a :class:`~polynet.specs.NetworkSpec`, so every variant of the paper
 (IR baselines, the 18 ablation configs, the mixed 6-12-6, the Very Deep PolyNet) is data. It
 follows timm's model contract: ``forward_features`` / ``forward_head``, ``reset_classifier``,
-``get_classifier``, ``feature_info`` and ``set_grad_checkpointing``.
+``get_classifier``, ``feature_info``, ``forward_intermediates`` / ``prune_intermediate_layers``,
+``set_grad_checkpointing``, the ``device=`` / ``dtype=`` factory arguments and TorchScript.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+import os
+from collections.abc import Mapping, MutableMapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Any, Literal
 
 import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from polynet.blocks import (
     REDUCTION_A,
@@ -30,8 +31,12 @@ from polynet.blocks import (
     SmallStem,
     scaled,
 )
+from polynet.errors import UserError
 from polynet.layers import LayerFactory, layer_name, resolve_layers
 from polynet.modules import PolyInception, Sharing
+from polynet.regional import Stage
+from polynet.regional import compile_units as compile_units  # re-exported: its old home
+from polynet.regional import restored_buffers as restored_buffers
 from polynet.specs import NetworkSpec
 
 StemKind = Literal["imagenet", "small"]
@@ -54,6 +59,162 @@ def linear_rates(num_units: int, last: float) -> list[float]:
     if num_units == 1:
         return [last]
     return [last * i / (num_units - 1) for i in range(num_units)]
+
+
+def unit_scales(
+    residual_scale: float | Sequence[float] | Literal["released"], num_units: int
+) -> list[float]:
+    """The residual scale of each unit: one for all, one per unit, or the released decay."""
+    if residual_scale == "released":
+        return released_scales(num_units)
+    if isinstance(residual_scale, (int, float)):
+        return [float(residual_scale)] * num_units
+    scales = [float(s) for s in residual_scale]
+    if len(scales) != num_units:
+        raise ValueError(f"residual_scale has {len(scales)} values for {num_units} units")
+    return scales
+
+
+def _stages(
+    spec: NetworkSpec,
+    chs: int,
+    width_mult: float,
+    small: bool,
+    scales: Sequence[float],
+    sharing: Sharing,
+    norm_layer: LayerFactory,
+    act_layer: LayerFactory,
+) -> tuple[list[Stage], list[Mixed], list[int]]:
+    """Stages A, B, C of units, the reductions between them, and the width of each stage.
+
+    Args:
+        spec: The units of each stage.
+        chs: Stage A's width (the stem's output).
+        width_mult: Multiplier of every width.
+        small: Pad the reductions for small inputs.
+        scales: Residual scale of every unit, bottom to top.
+        sharing: Parameter sharing of repeated letters.
+        norm_layer: Norm factory.
+        act_layer: Activation factory.
+
+    """
+    stages, reductions, widths = [], [], []
+    scale = iter(scales)
+    for stage_spec, reduction in zip(spec.stages, (REDUCTION_A, REDUCTION_B, None), strict=True):
+        block = partial(
+            InceptionBlock,
+            chs,
+            STAGE_BLOCKS[stage_spec.name],
+            width_mult,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+        )
+        units = [
+            PolyInception(module, block, next(scale), sharing, act_layer=act_layer)
+            for module in stage_spec.units
+        ]
+        stages.append(Stage(*units))
+        widths.append(chs)
+        if reduction is not None:  # none after stage C
+            reductions.append(Mixed(chs, reduction, width_mult, small, norm_layer, act_layer))
+            chs = reductions[-1].out_chs
+    return stages, reductions, widths
+
+
+def take_indices(
+    indices: int | Sequence[int] | None, names: Sequence[str]
+) -> tuple[list[int], int]:
+    """The feature maps selected as timm does, as absolute indices, and the largest of them.
+
+    Args:
+        indices: None for all feature maps, an int ``n`` for the last ``n``, or a sequence of
+            indices (negative ones count from the end).
+        names: The feature maps' module names, in order (for the error message).
+
+    Raises:
+        UserError: For an index out of range or no index at all, naming the valid ones.
+
+    """
+    n = len(names)
+    valid = (
+        f"the model has {n} feature maps ({', '.join(names)}): give indices 0..{n - 1} or "
+        f"-{n}..-1, or an int 1..{n} for the last n"
+    )
+    if indices is None:
+        indices = n
+    if isinstance(indices, int):
+        if not 0 < indices <= n:
+            raise UserError(f"cannot take the last {indices} feature maps; {valid}")
+        return list(range(n - indices, n)), n - 1
+    take = []
+    for i in indices:
+        if not -n <= i < n:
+            raise UserError(f"feature index {i} is out of range; {valid}")
+        take.append(i % n)
+    if not take:
+        raise UserError(f"no feature index given; {valid}")
+    return take, max(take)
+
+
+@cache
+def feature_map_size(
+    input_size: tuple[int, int], stem: StemKind = "imagenet", stem_stride: int = 1
+) -> tuple[int, int]:
+    """Height and width of ``forward_features``' output for an input of ``input_size``.
+
+    This is timm's ``pool_size``. Units keep their input's size, so the stem and the two
+    reductions decide it: they are built narrow on the meta device and a meta tensor goes
+    through them, so the answer follows their own kernels, strides and paddings.
+
+    Args:
+        input_size: Input (height, width).
+        stem: ``"imagenet"`` or ``"small"``.
+        stem_stride: Stride of the small stem.
+
+    Raises:
+        UserError: For an input smaller than the stem takes.
+
+    """
+    small, width = stem == "small", 1 / 64
+    with torch.device("meta"):
+        first = SmallStem(1, scaled(384, width), stride=stem_stride) if small else ImageNetStem(1)
+        if min(input_size) < first.min_input_size:
+            raise UserError(
+                f"a {input_size[0]}x{input_size[1]} input is smaller than the "
+                f"{first.min_input_size} px the {stem} stem takes"
+            )
+        x = first(torch.empty(1, 1, *input_size))
+        for branches in (REDUCTION_A, REDUCTION_B):
+            x = Mixed(x.shape[1], branches, width, small)(x)
+    return int(x.shape[-2]), int(x.shape[-1])
+
+
+def describe_classes(
+    cfg: MutableMapping[str, Any], num_classes: int, names: Sequence[str] | None = None
+) -> None:
+    """Keep a ``pretrained_cfg``'s class count and names true to a classifier's outputs.
+
+    Names of a data set with another number of classes are dropped rather than left to
+    describe outputs that are not theirs.
+
+    Args:
+        cfg: The cfg, updated in place.
+        num_classes: The classifier's outputs (0 without one).
+        names: The outputs' names, if known (timm's ``label_names``).
+
+    Raises:
+        UserError: For names that do not number ``num_classes``.
+
+    """
+    if names is not None and len(names) != num_classes:
+        raise UserError(f"{len(names)} class names given for a {num_classes}-class classifier")
+    cfg["num_classes"] = num_classes
+    if names is not None:
+        cfg["label_names"] = tuple(names)
+        cfg.pop("label_descriptions", None)  # the names now come from elsewhere
+    elif len(cfg.get("label_names") or ()) != num_classes:
+        cfg.pop("label_names", None)
+        cfg.pop("label_descriptions", None)
 
 
 @dataclass(frozen=True)
@@ -125,6 +286,10 @@ class PolyNet(nn.Module):
         global_pool: timm pool type (``"avg"``, ``"max"``, ``"avgmax"``, ...).
         norm_layer: Norm factory or name.
         act_layer: Activation factory or name.
+        device: Where parameters and buffers are created (``"meta"``: the structure and
+            shapes without memory). Not part of the config.
+        dtype: Floating-point type of parameters and buffers (e.g. ``torch.bfloat16``). Not
+            part of the config.
 
     Attributes:
         config: The :class:`PolyNetConfig` this model was built from, kept up to date by
@@ -133,6 +298,9 @@ class PolyNet(nn.Module):
             path and must be given again).
 
     """
+
+    # Eager-only views; TorchScript would otherwise compile every property.
+    __jit_unused_properties__ = ["units", "grad_checkpointing"]
 
     def __init__(
         self,
@@ -149,19 +317,12 @@ class PolyNet(nn.Module):
         global_pool: str = "avg",
         norm_layer: LayerFactory | None = None,
         act_layer: LayerFactory | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec if isinstance(spec, NetworkSpec) else NetworkSpec.parse(spec)
-        if width_mult <= 0:
-            raise ValueError(f"width_mult must be positive, got {width_mult}")
-        if in_chans < 1:
-            raise ValueError(f"in_chans must be at least 1, got {in_chans}")
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
-        if stem_stride != 1 and stem != "small":
-            raise ValueError(f"stem_stride applies to the small stem only, got stem={stem!r}")
-        if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        _check_arguments(width_mult, in_chans, stem, stem_stride, drop_rate, dtype)
         self.config = PolyNetConfig(
             spec=str(self.spec),
             num_classes=num_classes,
@@ -184,68 +345,41 @@ class PolyNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.grad_checkpointing = False
-        scales = self._unit_scales(residual_scale)
+        scales = unit_scales(residual_scale, len(self.spec.units))
 
         small = stem == "small"
-        if small:
-            self.stem: nn.Module = SmallStem(
-                in_chans, scaled(384, width_mult), **layers, stride=stem_stride
-            )
-        else:
-            self.stem = ImageNetStem(in_chans, width_mult, **layers)
-        self.min_input_size = self.stem.min_input_size
-        chs = self.stem.out_chs
-        stages, reductions, widths = [], [], []
-        unit = 0
-        stage_reductions = (REDUCTION_A, REDUCTION_B, None)  # none after stage C
-        for stage_spec, reduction in zip(self.spec.stages, stage_reductions, strict=True):
-            block = partial(
-                InceptionBlock, chs, STAGE_BLOCKS[stage_spec.name], width_mult, **layers
-            )
-            units = []
-            for module in stage_spec.units:
-                units.append(
-                    PolyInception(module, block, scales[unit], sharing, act_layer=act_layer)
+        with _factory_device(device):  # parameters are created where they will live
+            if small:
+                self.stem: nn.Module = SmallStem(
+                    in_chans, scaled(384, width_mult), **layers, stride=stem_stride
                 )
-                unit += 1
-            stages.append(nn.Sequential(*units))
-            widths.append(chs)
-            if reduction is not None:
-                reductions.append(Mixed(chs, reduction, width_mult, small, **layers))
-                chs = reductions[-1].out_chs
-        # Registration order is forward order: timm's feature extraction walks the children.
-        self.stage_a, self.reduction_a, self.stage_b, self.reduction_b, self.stage_c = (
-            stages[0],
-            reductions[0],
-            stages[1],
-            reductions[1],
-            stages[2],
-        )
-        self.num_features = self.head_hidden_size = chs
-
-        stem_reduction = stem_stride if small else 8
-        self.feature_info = [
-            dict(num_chs=c, reduction=stem_reduction * 2**i, module=f"stage_{name}")
-            for i, (name, c) in enumerate(zip("abc", widths, strict=True))
-        ]
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.last_linear = nn.Linear(chs, num_classes) if num_classes > 0 else nn.Identity()
+            else:
+                self.stem = ImageNetStem(in_chans, width_mult, **layers)
+            self.min_input_size = self.stem.min_input_size
+            stages, reductions, widths = _stages(
+                self.spec, self.stem.out_chs, width_mult, small, scales, sharing, **layers
+            )
+            # Registration order is forward order: timm's feature extraction walks the children.
+            self.stage_a, self.reduction_a, self.stage_b, self.reduction_b, self.stage_c = (
+                stages[0],
+                reductions[0],
+                stages[1],
+                reductions[1],
+                stages[2],
+            )
+            self.num_features = chs = widths[-1]
+            stem_reduction = stem_stride if small else 8
+            self.feature_info = [
+                dict(num_chs=c, reduction=stem_reduction * 2**i, module=f"stage_{name}")
+                for i, (name, c) in enumerate(zip("abc", widths, strict=True))
+            ]
+            self.global_pool, last_linear = _classifier(chs, num_classes, global_pool)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.last_linear = last_linear
+            self.head_hidden_size = chs * self.global_pool.feat_mult()
+        if dtype is not None:
+            self.to(dtype=dtype)
         self.set_path_drop(path_drop_rate)
-
-    def _unit_scales(
-        self, residual_scale: float | Sequence[float] | Literal["released"]
-    ) -> list[float]:
-        n = len(self.spec.units)
-        if residual_scale == "released":
-            return released_scales(n)
-        if isinstance(residual_scale, (int, float)):
-            return [float(residual_scale)] * n
-        scales = [float(s) for s in residual_scale]
-        if len(scales) != n:
-            raise ValueError(f"residual_scale has {len(scales)} values for {n} units")
-        return scales
 
     @property
     def units(self) -> list[PolyInception]:
@@ -267,6 +401,16 @@ class PolyNet(nn.Module):
         self.path_drop_rate = rate
         self.config = dataclasses.replace(self.config, path_drop_rate=rate)
 
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether each unit is recomputed in the backward pass (:meth:`set_grad_checkpointing`)."""
+        return self.stage_a.grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
+        for stage in (self.stage_a, self.stage_b, self.stage_c):
+            stage.grad_checkpointing = enable
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each unit's activations in the backward pass instead of storing them."""
@@ -275,18 +419,11 @@ class PolyNet(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for timm's layer-wise learning-rate decay."""
-        return dict(
-            stem=r"^stem",
-            blocks=[
-                (r"^stage_a", (0,)),
-                (r"^reduction_a", (1,)),
-                (r"^stage_b", (2,)),
-                (r"^reduction_b", (3,)),
-                (r"^stage_c", (4,)),
-            ]
-            if coarse
-            else [(r"^stage_(\w)\.(\d+)", None), (r"^reduction_(\w)", None)],
-        )
+        if coarse:  # stage A, reduction A, ..., stage C
+            blocks = [(rf"^{part}", (i,)) for i, part in enumerate(PARTS[1:-1])]
+        else:
+            blocks = [(r"^stage_(\w)\.(\d+)", None), (r"^reduction_(\w)", None)]
+        return dict(stem=r"^stem", blocks=blocks)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -294,16 +431,24 @@ class PolyNet(nn.Module):
         return self.last_linear
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (and optionally the pooling) for a new number of classes."""
+        """Replace the classifier (and optionally the pooling) for a new number of classes.
+
+        The ``pretrained_cfg`` follows: its ``num_classes``, and class names only where they
+        still number the outputs.
+        """
         self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        like = next(self.stem.parameters())  # the new classifier lives where the model does
+        self.global_pool, self.last_linear = _classifier(
+            self.num_features, num_classes, global_pool, like.device, like.dtype
+        )
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.config = dataclasses.replace(
-            self.config, num_classes=num_classes, global_pool=self.global_pool.pool_type
+            self.config, num_classes=num_classes, global_pool=global_pool
         )
-        self.last_linear = (
-            nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        )
+        if isinstance(getattr(self, "pretrained_cfg", None), dict):
+            describe_classes(self.pretrained_cfg, num_classes)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear ValueError for an input this model cannot take."""
@@ -322,23 +467,89 @@ class PolyNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and the three stages: (N, C, H, W) -> (N, num_features, H/32, W/32)."""
-        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or _fx_tracing()):
-            self.check_input(x)
+        if not torch.jit.is_scripting():  # TorchScript compiles no branch under this test
+            if not (torch.jit.is_tracing() or _fx_tracing()):
+                self.check_input(x)
         x = self.stem(x)  # (N, 384, 39, 39) at 331 px
-        x = self._stage(self.stage_a, x)
+        x = self.stage_a(x)
         x = self.reduction_a(x)  # (N, 1152, 19, 19)
-        x = self._stage(self.stage_b, x)
+        x = self.stage_b(x)
         x = self.reduction_b(x)  # (N, 2048, 9, 9)
-        return self._stage(self.stage_c, x)
+        return self.stage_c(x)
 
-    def _stage(self, stage: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        if not (self.grad_checkpointing and torch.is_grad_enabled()) or torch.jit.is_scripting():
-            return stage(x)
-        for unit in stage:  # one segment per unit: only unit inputs stay stored
-            x = checkpoint(
-                unit, x, use_reentrant=False, context_fn=partial(_recompute_contexts, unit)
-            )
-        return x
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The final features and the stage outputs asked for (timm's feature API).
+
+        Args:
+            x: A batch of images (N, in_chans, H, W).
+            indices: Stages to return (0: A, 1: B, 2: C; see :func:`take_indices`); all three
+                by default.
+            norm: For timm's API; PolyNet has no final norm.
+            stop_early: Stop after the last stage asked for (then the features returned).
+            output_fmt: ``"NCHW"``, the only layout.
+            intermediates_only: Return the stage outputs alone.
+
+        Returns:
+            ``(forward_features output, [stage outputs])``, or the list alone.
+
+        Raises:
+            UserError: For an index out of range or another output format.
+
+        """
+        if output_fmt != "NCHW":
+            raise UserError(f"output_fmt must be 'NCHW', the stages' layout; got {output_fmt!r}")
+        take, last = take_indices(indices, [info["module"] for info in self.feature_info])
+        if not (torch.jit.is_tracing() or _fx_tracing()):
+            self.check_input(x)
+        stages = (self.stage_a, self.stage_b, self.stage_c)
+        reductions = (self.reduction_a, self.reduction_b)
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)  # checkpointed unit by unit as in forward_features, if switched on
+            if i in take:
+                intermediates.append(x)
+            if i == len(reductions) or (stop_early and i == last):
+                break
+            x = reductions[i](x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the stages after the last one asked for, and the head (timm's feature API).
+
+        ``config`` keeps describing the whole network the model was built as.
+
+        Args:
+            indices: Stages still to be taken (as for :meth:`forward_intermediates`).
+            prune_norm: For timm's API; PolyNet has no final norm.
+            prune_head: Drop pooling and classifier even when stage C stays.
+
+        Returns:
+            The stages' absolute indices, for :meth:`forward_intermediates`.
+
+        """
+        take, last = take_indices(indices, [info["module"] for info in self.feature_info])
+        for name in ("reduction_a", "stage_b", "reduction_b", "stage_c")[2 * last :]:
+            setattr(self, name, Stage() if name.startswith("stage") else nn.Identity())
+        if last < len(self.feature_info) - 1:  # the head was sized for stage C's width
+            self.num_features = self.feature_info[last]["num_chs"]
+            prune_head = True
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool, dropout and classify; ``pre_logits`` stops before the classifier."""
@@ -350,60 +561,97 @@ class PolyNet(nn.Module):
         """Logits for a batch of images: (N, in_chans, H, W) -> (N, num_classes)."""
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str | os.PathLike) -> None:
+        """Load any polynet weights file (:func:`polynet.weights.load_pretrained`).
 
-@contextmanager
-def restored_buffers(module: nn.Module) -> Iterator[None]:
-    """Put every buffer of ``module`` back as it was when the block exits.
+        timm's ``pretrained=True`` calls this for a file: the cfgs set ``custom_load``.
+        """
+        from polynet.weights import load_pretrained  # weights builds on this module
 
-    Checkpointing runs a unit's forward twice per step; without this its BatchNorms would take
-    the batch into their running statistics twice (momentum 0.19 instead of 0.1) and the model
-    would evaluate differently from one trained without checkpointing. The recomputation must
-    still run the norms exactly as the first pass did (same saved tensors), hence a restore
-    rather than switching the updates off.
+        load_pretrained(self, checkpoint_path)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args) -> None:
+        _rename_port_layout(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _check_arguments(
+    width_mult: float,
+    in_chans: int,
+    stem: str,
+    stem_stride: int,
+    drop_rate: float,
+    dtype: torch.dtype | None,
+) -> None:
+    """Raise a ValueError naming the first of PolyNet's arguments that cannot be built."""
+    if width_mult <= 0:
+        raise ValueError(f"width_mult must be positive, got {width_mult}")
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be at least 1, got {in_chans}")
+    if stem not in ("imagenet", "small"):
+        raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+    if stem_stride != 1 and stem != "small":
+        raise ValueError(f"stem_stride applies to the small stem only, got stem={stem!r}")
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UserError(
+            f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}"
+        )
+
+
+# The first convolution's key in the released port's layout; ours is stem.conv1.conv.weight.
+_PORT_ONLY_KEY = "stem.conv1.0.conv.weight"
+
+
+def _rename_port_layout(model: PolyNet, state_dict: dict[str, Any], prefix: str) -> None:
+    """Rename the released port's keys to ours, in place, before a plain ``load_state_dict``.
+
+    timm's ``checkpoint_path=`` loads the file that way; ``polynet.weights`` renames for every
+    other loader. BatchNorm itself fills the counters the 2017 file lacks.
     """
-    saved = [(buffer, buffer.clone()) for buffer in module.buffers()]
+    if f"{prefix}{_PORT_ONLY_KEY}" not in state_dict:
+        return
+    from polynet.weights import port_key_map  # weights builds on this module
+
+    for ours, port in port_key_map(model).items():
+        if prefix + port in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + port)
+
+
+def _classifier(
+    chs: int,
+    num_classes: int,
+    global_pool: str,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[SelectAdaptivePool2d, nn.Module]:
+    """Pooling and classifier as timm builds them.
+
+    The pool flattens unless it is ``""`` (no pooling: the feature map passes through), and
+    the classifier takes as many features as it gives (twice ``chs`` for ``"catavgmax"``).
+    """
+    pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+    if num_classes <= 0:
+        return pool, nn.Identity()
+    if not global_pool:
+        raise UserError(
+            f"global_pool='' passes the feature map through unpooled, which a {num_classes}-class "
+            "classifier cannot take; give a pool type such as 'avg', or num_classes=0"
+        )
+    return pool, nn.Linear(chs * pool.feat_mult(), num_classes, device=device, dtype=dtype)
+
+
+def _factory_device(device: torch.device | str | None) -> AbstractContextManager:
+    if device is None:
+        return nullcontext()
     try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-
-
-def _recompute_contexts(unit: nn.Module) -> tuple[AbstractContextManager, AbstractContextManager]:
-    return nullcontext(), restored_buffers(unit)
-
-
-def compile_units(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Regional compilation: ``torch.compile`` every PolyInception unit and Mixed part in place.
-
-    The units of a stage run one ``forward`` over blocks of one shape, so dynamo traces and
-    inductor compiles a handful of graphs (one per unit kind) instead of the whole
-    500-convolution network as one graph: minutes less of compile time for the same kernels.
-    The head, the stem's plain layers and anything else stay eager. Without units or Mixed
-    parts, the whole model is compiled.
-
-    Args:
-        model: A PolyNet or any module with PolyInception units.
-        **compile_kwargs: Passed to ``torch.compile`` (``mode=``, ``backend=``, ...). Shapes
-            are static unless ``dynamic=`` says otherwise: the unit kinds differ in shape, and
-            dynamo would otherwise turn to slower dynamic-shape graphs after the second.
-
-    Returns:
-        The model (compiled in place), or a compiled wrapper when it has no units.
-
-    """
-    regions = [m for m in model.modules() if isinstance(m, (PolyInception, Mixed))]
-    if not regions:
-        return torch.compile(model, **compile_kwargs)
-    # Each unit kind (and each distinct drop probability) is one recompilation of the same
-    # forward; let them all be cached rather than fall back to eager after the default few.
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, len(regions))
-    compile_kwargs.setdefault("dynamic", False)
-    for region in regions:
-        region.compile(**compile_kwargs)
-    return model
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(
+            f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda' or 'meta'"
+        ) from err
 
 
 def _fx_tracing() -> bool:
