@@ -2,24 +2,41 @@
 
 Each model is one row of :data:`MODELS`: a network spec plus constructor arguments. The rows
 are registered as timm entry points, so after ``import polynet`` both
-``polynet.create_model(name)`` and ``timm.create_model(name)`` build them.
+``polynet.create_model(name)`` and ``timm.create_model(name)`` build them, with timm's whole
+model contract: ``features_only`` (every ``feature_cls``), ``pretrained=True`` with a weights
+file (``pretrained_cfg_overlay=dict(file=...)``; nothing is downloaded), ``checkpoint_path=``,
+``device=`` and ``dtype=``.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+import safetensors
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from torch import nn
 
 from polynet.algebra import PAPER_MODULES
-from polynet.network import PolyNet
-from polynet.weights import load_pretrained
+from polynet.checkpoint import read_torch_file
+from polynet.data import FASHION_MNIST_CLASSES
+from polynet.errors import UserError
+from polynet.network import PolyNet, describe_classes, feature_map_size, take_indices
+from polynet.weights import PORT_MODEL, load_pretrained
 
 VERY_DEEP_SPEC = "A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -34,7 +51,6 @@ def _imagenet_cfg(size: int = 299, **overrides: Any) -> dict[str, Any]:
     cfg = dict(
         num_classes=1000,
         input_size=(3, size, size),
-        pool_size=None,
         crop_pct=0.875,
         crop_mode="center",
         interpolation="bilinear",
@@ -68,8 +84,12 @@ class ModelDef:
     Attributes:
         spec: The network spec (see :mod:`polynet.specs`).
         kwargs: Extra :class:`~polynet.network.PolyNet` arguments.
-        cfg: The ``pretrained_cfg`` (input size, crop, interpolation, mean, std, ...).
+        cfg: The preprocessing part of the ``pretrained_cfg`` (input size, crop,
+            interpolation, mean, std, ...); the registered cfg adds what follows from the
+            architecture and the data set (:func:`registered_cfg`).
         description: One line for ``polynet list``.
+        dataset: The data set whose classes the classifier's outputs are: ``"imagenet-1k"``
+            or ``"fashion-mnist"``.
 
     """
 
@@ -77,6 +97,7 @@ class ModelDef:
     kwargs: dict[str, Any] = field(default_factory=dict)
     cfg: dict[str, Any] = field(default_factory=_imagenet_cfg)
     description: str = ""
+    dataset: str = "imagenet-1k"
 
 
 def _module_id(module: str) -> str:
@@ -120,29 +141,158 @@ for _module in ("3-way", "mpoly-3", "poly-3"):
     )
 MODELS.update(
     polynet_small_ir=ModelDef(
-        _ir(1, 2, 1), SMALL, _small_cfg(), "small Inception-ResNet baseline for 28-64 px"
+        _ir(1, 2, 1),
+        SMALL,
+        _small_cfg(),
+        "small Inception-ResNet baseline for 28-64 px",
+        "fashion-mnist",
     ),
     polynet_small=ModelDef(
         "A: 2-way | B: (mpoly-2, poly-2) | C: 2-way",
         SMALL,
         _small_cfg(),
         "small PolyNet for 28-64 px (the quick start's default)",
+        "fashion-mnist",
     ),
 )
 
-default_cfgs = generate_default_cfgs({name: d.cfg for name, d in MODELS.items()})
+STAGE_NAMES = ("stage_a", "stage_b", "stage_c")
+"""The modules whose outputs are the feature maps (``feature_info``, ``out_indices``)."""
+FEATURE_CLASSES = ("list", "dict", "hook", "fx", "getter")
+"""timm's ``feature_cls`` names for ``features_only=True``."""
 
 
-def _build(name: str, pretrained: bool = False, **kwargs: Any) -> PolyNet:
+@cache
+def _class_info(dataset: str) -> dict[str, Any]:
+    """A data set's classes as timm's ``label_names`` (and ``label_descriptions``)."""
+    if dataset == "fashion-mnist":
+        return dict(label_names=tuple(FASHION_MNIST_CLASSES))
+    info = ImageNetInfo(dataset)  # WordNet synsets, described by their lemmas
+    return dict(
+        label_names=tuple(info.label_names()),
+        label_descriptions=info.label_descriptions(as_dict=True),
+    )
+
+
+def registered_cfg(definition: ModelDef) -> dict[str, Any]:
+    """A model's whole ``pretrained_cfg``: the row's preprocessing and what follows from it.
+
+    Adds the final feature map's size at the default input (``pool_size``, computed from the
+    stem and reductions), the data set's class names (``label_names``) and ``custom_load``,
+    which makes timm hand a weights file to :meth:`PolyNet.load_pretrained
+    <polynet.network.PolyNet.load_pretrained>`.
+    """
+    cfg = dict(definition.cfg)
+    cfg["pool_size"] = feature_map_size(
+        tuple(cfg["input_size"][-2:]),
+        definition.kwargs.get("stem", "imagenet"),
+        definition.kwargs.get("stem_stride", 1),
+    )
+    cfg.update(_class_info(definition.dataset))
+    if len(cfg["label_names"]) != cfg["num_classes"]:
+        raise AssertionError(f"{definition.dataset} does not have {cfg['num_classes']} classes")
+    cfg["custom_load"] = True
+    return cfg
+
+
+default_cfgs = generate_default_cfgs({name: registered_cfg(d) for name, d in MODELS.items()})
+
+
+def _check_features(name: str, args: Mapping[str, Any]) -> None:
+    """Raise a UserError for ``features_only`` arguments timm would fail on obscurely."""
+    try:
+        take_indices(args.get("out_indices", (0, 1, 2)), STAGE_NAMES)
+    except UserError as err:
+        raise UserError(f"{name}: out_indices={args.get('out_indices')!r}: {err}") from None
+    feature_cls = args.get("feature_cls")
+    if isinstance(feature_cls, str) and not (
+        feature_cls.lower() in FEATURE_CLASSES or "hook" in feature_cls.lower()
+    ):
+        raise UserError(
+            f"unknown feature_cls {feature_cls!r}; choose one of {', '.join(FEATURE_CLASSES)}"
+        )
+
+
+def _check_weights_given(name: str, args: Mapping[str, Any]) -> None:
+    """Raise a UserError for ``pretrained=True`` without weights to load (none are downloaded)."""
+    cfg = resolve_pretrained_cfg(
+        name, args.get("pretrained_cfg"), args.get("pretrained_cfg_overlay")
+    )
+    if str(args.get("device", "")).startswith("meta"):
+        raise UserError(
+            f"{name}: pretrained=True cannot load weights into a model on the meta device (it "
+            "holds no memory); build it on 'cpu' or a GPU"
+        )
+    if cfg.has_weights or cfg.state_dict is not None:
+        return
+    where = (
+        "get the released file as docs/released-weights.md says"
+        if name == PORT_MODEL
+        else "it has no released weights: train it (polynet train)"
+    )
+    raise UserError(
+        f"{name}: pretrained=True needs a weights file, and nothing is downloaded; {where}, then "
+        f"pass it: timm.create_model({name!r}, pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file=PATH)) or polynet.create_model({name!r}, "
+        "pretrained=True, checkpoint_path=PATH)"
+    )
+
+
+def recorded_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names a weights file records, read without loading its tensors.
+
+    Args:
+        path: A ``.safetensors`` file (``class_names`` metadata) or a polynet checkpoint
+            (``class_names``, or ``classes`` in older ones); the released port's file has none.
+
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            names = (f.metadata() or {}).get("class_names")
+        return json.loads(names) if names else None
+    payload = read_torch_file(path, map_location="meta")  # tensors as shapes only: no I/O
+    if not isinstance(payload, Mapping):
+        return None
+    names = payload.get("class_names", payload.get("classes"))
+    return list(names) if names else None
+
+
+def _build(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     definition = MODELS[name]
     args = {"spec": definition.spec, **definition.kwargs, **kwargs}
-    return build_model_with_cfg(
+    if args.get("features_only"):
+        _check_features(name, args)
+    if pretrained:
+        _check_weights_given(name, args)
+        # timm turns custom_load off for a file given in the overlay unless it is asked for:
+        # the file must still reach PolyNet.load_pretrained, which knows every polynet layout.
+        args["pretrained_cfg_overlay"] = {
+            "custom_load": True,
+            **(args.get("pretrained_cfg_overlay") or {}),
+        }
+    model = build_model_with_cfg(
         PolyNet,
         name,
-        pretrained=False,  # weights come from polynet.weights, never from a hub
+        # timm hands a weights file to PolyNet.load_pretrained (custom_load in the cfgs)
+        pretrained=pretrained,
         feature_cfg=dict(flatten_sequential=False, out_indices=(0, 1, 2)),
         **args,
     )
+    if not isinstance(model, PolyNet):  # a features_only wrapper: no classifier to describe
+        return model
+    cfg = model.pretrained_cfg
+    try:  # the architecture's own stem, which the arguments may have changed
+        cfg["pool_size"] = feature_map_size(
+            tuple(cfg["input_size"][-2:]), model.config.stem, model.config.stem_stride
+        )
+    except UserError:  # an input_size (from an overlay) too small for this stem
+        cfg["pool_size"] = None
+    names = recorded_class_names(cfg["file"]) if pretrained and cfg.get("file") else None
+    if len(names or ()) != model.num_classes:  # fine-tuned to other classes: not the file's
+        names = None
+    describe_classes(cfg, model.num_classes, names)
+    return model
 
 
 def _entrypoint(name: str):
