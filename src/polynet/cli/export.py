@@ -1,33 +1,38 @@
-"""``polynet export MODEL --format onnx|torchscript --out FILE``."""
+"""``polynet export MODEL --format onnx|torchscript|exported --out FILE``."""
 
 from __future__ import annotations
 
 import argparse
 
 from polynet.cli import summary
-from polynet.export import FORMATS, example_input, export, onnx_max_error
+from polynet.export import FORMATS, example_input, export, exported_max_error, onnx_max_error
 from polynet.loading import load_model
 from polynet.zoo import check_model_name, create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``export`` subcommand."""
-    p = subparsers.add_parser(
-        "export", help=summary("export")
-    )
+    p = subparsers.add_parser("export", help=summary("export"))
     p.add_argument("model", help="a registered model name (see 'polynet list')")
     p.add_argument("--checkpoint", help="weights to load (random weights without it)")
-    p.add_argument("--format", choices=FORMATS, default="onnx", help="output format")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="onnx",
+        help="output format (exported: a torch.export program, .pt2)",
+    )
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--input-size", type=int, help="square input side (default: the model's)")
     p.add_argument(
-        "--no-check", action="store_true", help="skip comparing ONNX Runtime with PyTorch"
+        "--no-check",
+        action="store_true",
+        help="skip comparing the ONNX or exported file with PyTorch",
     )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build (and load) the model, export it and, for ONNX, check it with ONNX Runtime."""
+    """Build (and load) the model, export it and check an ONNX or exported file against it."""
     check_model_name(args.model)
     if args.checkpoint:
         model, _ = load_model(args.checkpoint, args.model)
@@ -38,7 +43,17 @@ def run(args: argparse.Namespace) -> int:
         input_size = (model.in_chans, args.input_size, args.input_size)
     path = export(model, args.out, args.format, input_size)
     print(f"wrote {path} ({args.format}, input {'x'.join(map(str, input_size))}, any batch)")
-    if args.format == "onnx" and not args.no_check:
-        error = onnx_max_error(model, path, example_input(model, input_size, batch_size=3))
-        print(f"onnxruntime vs PyTorch on a batch of 3: max |difference| {error:.2e}")
+    if args.no_check or args.format == "torchscript":
+        return 0
+    x = example_input(model, input_size, batch_size=3)
+    if args.format == "onnx":
+        print(
+            f"onnxruntime vs PyTorch on a batch of 3: max |difference| "
+            f"{onnx_max_error(model, path, x):.2e}"
+        )
+    else:
+        print(
+            f"torch.export.load vs PyTorch on a batch of 3: max |difference| "
+            f"{exported_max_error(model, path, x):.2e}"
+        )
     return 0
