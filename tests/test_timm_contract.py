@@ -20,6 +20,7 @@ from polynet.cli import main
 from polynet.data import FASHION_MNIST_CLASSES
 from polynet.export import example_input, export, exported_max_error
 from polynet.modules import PolyInception
+from polynet.network import feature_map_size
 from polynet.regional import Stage
 from polynet.specs import NetworkSpec
 from polynet.weights import save_weights, to_port_layout
@@ -238,8 +239,21 @@ def test_pool_size_is_the_unpooled_feature_map_at_the_default_input(name):
         == KNOWN_POOL_SIZES.get(name, cfg["pool_size"])
     )
     assert timm.models.get_pretrained_cfg(name).pool_size == cfg["pool_size"]
+    x, stages, _ = _reference(name)  # and at the tests' own input size
+    stem = (model.config.stem, model.config.stem_stride)
+    assert feature_map_size(tuple(x.shape[-2:]), *stem) == tuple(stages[2].shape[-2:])
     assert model.default_cfg is cfg
     assert len(cfg["label_names"]) == cfg["num_classes"] == model.num_classes
+
+
+def test_pool_size_follows_the_arguments_that_change_it():
+    model = _build("polynet_small", stem_stride=2).eval()
+    with torch.no_grad():
+        features = model.forward_features(example_input(model, batch_size=1))
+    assert tuple(features.shape[-2:]) == model.pretrained_cfg["pool_size"] == (4, 4)
+    with pytest.raises(ValueError, match="a 60x60 input is smaller than the 75 px") as err:
+        feature_map_size((60, 60))
+    _one_line_error(err)
 
 
 def test_the_released_model_at_full_width_and_331_px_on_the_meta_device():

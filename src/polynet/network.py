@@ -177,15 +177,19 @@ def feature_map_size(
     """
     small, width = stem == "small", 1 / 64
     with torch.device("meta"):
-        first = SmallStem(1, scaled(384, width), stride=stem_stride) if small else ImageNetStem(1)
+        first = (
+            SmallStem(1, scaled(384, width), stride=stem_stride)
+            if small
+            else ImageNetStem(1, width)
+        )
         if min(input_size) < first.min_input_size:
             raise UserError(
                 f"a {input_size[0]}x{input_size[1]} input is smaller than the "
                 f"{first.min_input_size} px the {stem} stem takes"
             )
-        x = first(torch.empty(1, 1, *input_size))
+        x = first.eval()(torch.empty(1, 1, *input_size))  # eval: a 1x1 map of one image is fine
         for branches in (REDUCTION_A, REDUCTION_B):
-            x = Mixed(x.shape[1], branches, width, small)(x)
+            x = Mixed(x.shape[1], branches, width, small).eval()(x)
     return int(x.shape[-2]), int(x.shape[-1])
 
 

@@ -274,7 +274,6 @@ def _build(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     model = build_model_with_cfg(
         PolyNet,
         name,
-        # timm hands a weights file to PolyNet.load_pretrained (custom_load in the cfgs)
         pretrained=pretrained,
         feature_cfg=dict(flatten_sequential=False, out_indices=(0, 1, 2)),
         **args,
@@ -296,7 +295,7 @@ def _build(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 
 def _entrypoint(name: str):
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> PolyNet:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         return _build(name, pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
