@@ -296,3 +296,8 @@ def named_expression(name: str) -> str:
 
 PAPER_MODULES = ("2-way", "3-way", "poly-2", "poly-3", "mpoly-2", "mpoly-3")
 """The six PolyInception modules of the paper's ablation (section 3.2)."""
+
+
+def module_id(module: str) -> str:
+    """A module name as it appears in identifiers: ``"mpoly-3"`` -> ``"mpoly3"``."""
+    return module.replace("-", "")

@@ -83,7 +83,8 @@ def model_cost(model: PolyNet, input_size: tuple[int, int, int] | None = None) -
     """Parameters and MACs of a PolyNet, per part and per module type, for one image.
 
     Args:
-        model: The network; it is run once in eval mode on a zero image.
+        model: The network; it is run once in eval mode on a zero image (build it on the
+            ``meta`` device to count a large model in a blink).
         input_size: (C, H, W); defaults to the model's ``pretrained_cfg`` input size.
 
     """
@@ -93,7 +94,8 @@ def model_cost(model: PolyNet, input_size: tuple[int, int, int] | None = None) -
     model.eval()
     root = type(model).__name__
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_size))
+        # On the model's device: a model built on "meta" is counted without any arithmetic.
+        model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
     model.train(was_training)
     flops = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
 

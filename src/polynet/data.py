@@ -32,6 +32,8 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from polynet.errors import UserError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_ENV = "POLYNET_FASHION_MNIST_DIR"
 FASHION_MNIST_CLASSES = [
@@ -61,7 +63,12 @@ MAX_IMAGE_PIXELS = 2 * 89_478_485
 Transform = Callable[[Image.Image], Any]
 
 
-class UnreadableImageError(ValueError):
+# Images with a side below this are refused: resized up to the model's input they are a few
+# flat blocks, and training on them or predicting them is noise (Fashion-MNIST is 28 px).
+MIN_IMAGE_SIDE = 8
+
+
+class UnreadableImageError(UserError):
     """An image file that cannot be decoded: corrupt, truncated, not an image or too large.
 
     Attributes:
@@ -120,8 +127,9 @@ def read_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file to an RGB Pillow image.
 
     Raises:
-        UnreadableImageError: If the file is missing, empty, truncated, not an image, or has
-            more than :data:`MAX_IMAGE_PIXELS` pixels (a possible decompression bomb).
+        UnreadableImageError: If the file is missing, empty, truncated, not an image, has a
+            side under :data:`MIN_IMAGE_SIDE` pixels, or has more than
+            :data:`MAX_IMAGE_PIXELS` pixels (a possible decompression bomb).
 
     """
     path = Path(path)
@@ -133,6 +141,12 @@ def read_image(path: str | os.PathLike) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 width, height = img.size
+                if min(width, height) < MIN_IMAGE_SIDE:
+                    raise UnreadableImageError(
+                        path,
+                        f"{width}x{height} pixels is too small to classify (a side under "
+                        f"{MIN_IMAGE_SIDE} px carries no picture once resized)",
+                    )
                 if width * height > MAX_IMAGE_PIXELS:
                     raise UnreadableImageError(
                         path,

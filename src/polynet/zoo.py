@@ -10,6 +10,7 @@ file (``pretrained_cfg_overlay=dict(file=...)``; nothing is downloaded), ``check
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -31,11 +32,17 @@ from timm.models import (
 )
 from torch import nn
 
-from polynet.algebra import PAPER_MODULES
+from polynet.algebra import PAPER_MODULES, module_id
 from polynet.checkpoint import read_torch_file
 from polynet.data import FASHION_MNIST_CLASSES
 from polynet.errors import UserError
-from polynet.network import PolyNet, describe_classes, feature_map_size, take_indices
+from polynet.network import (
+    PolyNet,
+    PolyNetConfig,
+    describe_classes,
+    feature_map_size,
+    take_indices,
+)
 from polynet.weights import PORT_MODEL, load_pretrained
 
 VERY_DEEP_SPEC = "A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5"
@@ -100,9 +107,6 @@ class ModelDef:
     dataset: str = "imagenet-1k"
 
 
-def _module_id(module: str) -> str:
-    return module.replace("-", "")
-
 
 SMALL = dict(stem="small", width_mult=0.125, in_chans=1, num_classes=10, drop_rate=0.0)
 
@@ -126,7 +130,7 @@ for _stage in "abc":
     for _module in PAPER_MODULES:
         _depths = dict(a="ir x3", b="ir x6", c="ir x3")
         _depths[_stage] = f"{_module} x{dict(a=3, b=6, c=3)[_stage]}"
-        MODELS[f"polynet_3_6_3_{_stage}_{_module_id(_module)}"] = ModelDef(
+        MODELS[f"polynet_3_6_3_{_stage}_{module_id(_module)}"] = ModelDef(
             f"A: {_depths['a']} | B: {_depths['b']} | C: {_depths['c']}",
             description=f"IR 3-6-3 with stage {_stage.upper()} made of {_module} (Fig. 6)",
         )
@@ -135,7 +139,7 @@ MODELS["polynet_6_12_6_mixed"] = ModelDef(
     description="IR 6-12-6 with stage B (3-way -> mpoly-3 -> poly-3) x4 (Fig. 8)",
 )
 for _module in ("3-way", "mpoly-3", "poly-3"):
-    MODELS[f"polynet_6_12_6_{_module_id(_module)}"] = ModelDef(
+    MODELS[f"polynet_6_12_6_{module_id(_module)}"] = ModelDef(
         f"A: ir x6 | B: {_module} x12 | C: ir x6",
         description=f"IR 6-12-6 with stage B uniformly {_module} (Fig. 8)",
     )
@@ -322,6 +326,37 @@ def check_model_name(name: str) -> None:
     raise ValueError(f"unknown model {name!r}; {hint}valid models: {', '.join(MODELS)}")
 
 
+# Arguments timm's factory takes besides the model's own (features_only, ...).
+_FACTORY_ARGUMENTS = (
+    "features_only",
+    "out_indices",
+    "feature_cls",
+    "feature_cfg",
+    "output_stride",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "cache_dir",
+    "scriptable",
+    "exportable",
+    "no_jit",
+    "device",
+    "dtype",
+)
+
+
+def _check_arguments(kwargs: dict[str, Any]) -> None:
+    """Name a misspelt constructor argument (and the closest valid one) instead of a TypeError."""
+    valid = [f.name for f in dataclasses.fields(PolyNetConfig)] + list(_FACTORY_ARGUMENTS)
+    for key in kwargs:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise UserError(
+                f"unknown model argument {key!r}; {hint}valid: "
+                f"{', '.join(f.name for f in dataclasses.fields(PolyNetConfig))}"
+            )
+
+
 def create_model(
     name: str,
     pretrained: bool = False,
@@ -349,6 +384,7 @@ def create_model(
             f"pretrained={pretrained} needs checkpoint_path=: weights are never downloaded; "
             "see the README for obtaining and converting the released file"
         )
+    _check_arguments(kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
         load_pretrained(model, checkpoint_path)

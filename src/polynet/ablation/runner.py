@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from polynet.ablation.studies import (
-    SMALL_WIDTH,
     Study,
     StudyConfig,
     build_study,
@@ -39,6 +38,7 @@ from polynet.ablation.studies import (
 from polynet.checkpoint import atomic_write
 from polynet.cost import count_macs, count_params, model_cost
 from polynet.data import build_dataset
+from polynet.devices import resolve_device
 from polynet.evaluation import SingleCrop, evaluate
 from polynet.loading import load_model
 from polynet.network import PolyNet
@@ -105,7 +105,7 @@ class StudyOptions:
     Attributes:
         data: ``"fashion-mnist"`` or an ImageNet-layout folder.
         scale: ``"small"`` or ``"full"``; None picks small for Fashion-MNIST, full otherwise.
-        width_mult: Width of the small variant.
+        width_mult: Width multiplier (None: the scale's default, see ``build_study``).
         seeds: Seeds per config (0 .. seeds - 1); every config uses the same seeds, so data
             order and augmentation are identical across configs.
         rerun: Train, evaluate and time every selected config again.
@@ -122,7 +122,7 @@ class StudyOptions:
 
     data: str = "fashion-mnist"
     scale: str | None = None
-    width_mult: float = SMALL_WIDTH
+    width_mult: float | None = None
     seeds: int = 1
     rerun: bool = False
     configs: Sequence[str] | None = None
@@ -208,9 +208,7 @@ def model_costs(config: StudyConfig, num_classes: int) -> dict[str, Any]:
 
 def _device(name: str) -> torch.device:
     """Return the device a run with ``device=name`` trains on in this process."""
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return resolve_device(name)
 
 
 def measure_iteration_times(

@@ -26,7 +26,7 @@ from timm.layers import BatchNormAct2d, DropPath, create_conv2d
 from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
-from polynet.algebra import PAPER_MODULES, parse
+from polynet.algebra import PAPER_MODULES, module_id, parse
 from polynet.modules import resolve_expression
 from polynet.specs import NetworkSpec
 from polynet.zoo import MODELS, VERY_DEEP_SPEC, create_model
@@ -205,7 +205,9 @@ def _polynet(
     if scale == "small":
         kwargs.update(spec=spec, width_mult=row.pop("width_mult"))
         return StudyConfig(name, label, family, "polynet_small", kwargs, **row)
-    row.pop("width_mult")
+    width = row.pop("width_mult")
+    if width != 1.0:  # full-size inputs at a reduced width (a cheaper ImageNet study)
+        kwargs["width_mult"] = width
     if registry_name is None:
         return StudyConfig(name, label, family, "polynet", dict(spec=spec, **kwargs), **row)
     return StudyConfig(name, label, family, registry_name, kwargs, **row)
@@ -221,7 +223,7 @@ def _resnet(depth: int, scale: str, width_mult: float) -> StudyConfig:
     }
     kwargs: dict[str, Any] = dict(
         layers=list(layers),
-        width_mult=width_mult if scale == "small" else 1.0,
+        width_mult=width_mult,
         stem="small" if scale == "small" else "imagenet",
         pretrained_cfg=cfg,
     )
@@ -232,17 +234,15 @@ def _resnet(depth: int, scale: str, width_mult: float) -> StudyConfig:
     )
 
 
-def _module_id(module: str) -> str:
-    return module.replace("-", "")
 
-
-def build_study(name: str, scale: str = "small", width_mult: float = SMALL_WIDTH) -> Study:
+def build_study(name: str, scale: str = "small", width_mult: float | None = None) -> Study:
     """Build a named study.
 
     Args:
         name: One of :data:`STUDIES`.
         scale: ``"small"`` (28 px, reduced width) or ``"full"`` (registered full-width models).
-        width_mult: Width of the small variant (ignored at full scale).
+        width_mult: Width multiplier (default: :data:`SMALL_WIDTH` for the small variant, 1.0,
+            the registered widths, at full scale).
 
     Raises:
         ValueError: For an unknown study or scale.
@@ -252,6 +252,8 @@ def build_study(name: str, scale: str = "small", width_mult: float = SMALL_WIDTH
         raise ValueError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
+    if width_mult is None:
+        width_mult = SMALL_WIDTH if scale == "small" else 1.0
     row = dict(width_mult=width_mult)
     configs: list[StudyConfig] = []
     if name == "stages":
@@ -269,10 +271,10 @@ def build_study(name: str, scale: str = "small", width_mult: float = SMALL_WIDTH
         )
         for stage in "abc":
             for module in PAPER_MODULES:
-                registry = f"polynet_3_6_3_{stage}_{_module_id(module)}"
+                registry = f"polynet_3_6_3_{stage}_{module_id(module)}"
                 configs.append(
                     _polynet(
-                        f"{stage}_{_module_id(module)}",
+                        f"{stage}_{module_id(module)}",
                         module,
                         registry,
                         None,
@@ -299,10 +301,10 @@ def build_study(name: str, scale: str = "small", width_mult: float = SMALL_WIDTH
             )
         )
         for module in ("poly-3", "mpoly-3", "3-way"):
-            registry = f"polynet_6_12_6_{_module_id(module)}"
+            registry = f"polynet_6_12_6_{module_id(module)}"
             configs.append(
                 _polynet(
-                    _module_id(module),
+                    module_id(module),
                     module,
                     registry,
                     None,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from polynet.ablation import STUDIES, StudyOptions, build_study, run_study
+from polynet.ablation.studies import SMALL_WIDTH
 from polynet.cli import summary
 
 # What --publish copies: small text and PNG files, never the runs' checkpoints.
@@ -45,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--width-mult",
         type=float,
-        default=StudyOptions.width_mult,
-        help="width of the small variant (default: %(default)s)",
+        help=f"width multiplier (default: {SMALL_WIDTH} for the small variant, the registered "
+        "widths at full scale)",
     )
     p.add_argument("--seeds", type=int, default=1, help="seeds per config (default: 1)")
     p.add_argument("--rerun", action="store_true", help="train and time every config again")
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} must be at least 1, got {getattr(args, name)}")
-    if args.width_mult <= 0:
+    if args.width_mult is not None and args.width_mult <= 0:
         raise ValueError(f"--width-mult must be positive, got {args.width_mult}")
     overrides = {
         key: getattr(args, key)

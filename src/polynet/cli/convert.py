@@ -6,6 +6,7 @@ import argparse
 
 from polynet.cli import summary
 from polynet.loading import convert
+from polynet.outputs import check_output
 from polynet.weights import PORT_MODEL
 
 
@@ -31,11 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write the pretrainedmodels port's state-dict layout instead of ours",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Convert and print a one-line summary."""
+    check_output(args.dst, [args.src], args.overwrite, "destination")
     summary = convert(args.src, args.dst, model_name=args.model, to_port=args.to_port)
     layout = "the released port's layout" if args.to_port else "safetensors"
     print(

@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from polynet.cli import summary
+from polynet.devices import resolve_device
+from polynet.errors import UserError
 from polynet.evaluation import MultiCrop, SingleCrop
 from polynet.evaluation.api import REPORT_FILES, evaluate_weights, write_reports
 from polynet.evaluation.pooling import DEFAULT_TOP_FRACTION, SCORE_TYPES
+from polynet.outputs import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -96,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the JSON report to OUT")
     out.add_argument("--out", metavar="DIR", help=f"write {', '.join(REPORT_FILES)} to DIR")
+    out.add_argument("--overwrite", action="store_true", help="replace existing report files")
     p.set_defaults(func=run_eval)
 
 
@@ -103,16 +108,30 @@ def _check(args: argparse.Namespace) -> None:
     if not args.multi_crop and (
         args.scales or args.score != "softmax" or args.top_fraction != DEFAULT_TOP_FRACTION
     ):
-        raise ValueError("--scales, --score and --top-fraction need --multi-crop")
+        raise UserError("--scales, --score and --top-fraction need --multi-crop")
     if args.multi_crop and (args.crop_pct is not None or args.crop_mode is not None):
-        raise ValueError(
+        raise UserError(
             "--crop-pct and --crop-mode set the single-crop protocol; drop them "
             "or drop --multi-crop"
         )
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
-        raise ValueError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-    if args.batch_size < 1 or args.workers < 0 or (args.limit is not None and args.limit < 1):
-        raise ValueError("--batch-size and --limit must be positive and --workers not negative")
+        raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+    for flag, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--limit", args.limit, 1),
+        ("--workers", args.workers, 0),
+    ):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    resolve_device(args.device)  # a device that does not exist fails now, not after loading
+    # Outputs are checked before the evaluation starts; inputs are never written over.
+    inputs = [args.checkpoint]
+    if args.json:
+        check_output(args.json, inputs, args.overwrite, "--json")
+    if args.out:
+        check_output(args.out, inputs, args.overwrite, "--out", folder=True)
+        for name in REPORT_FILES:
+            check_output(Path(args.out) / name, inputs, args.overwrite, "--out")
 
 
 def _init_distributed(device: str | None) -> tuple[bool, str | None]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from polynet.cli import summary
 from polynet.cost import model_cost
 from polynet.zoo import MODELS, create_model, list_models
@@ -42,7 +44,8 @@ def run_info(args: argparse.Namespace) -> int:
         kwargs["spec"] = args.spec
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    model = create_model(args.model, **kwargs)
+    with torch.device("meta"):  # shapes and counts only: no memory, no arithmetic
+        model = create_model(args.model, **kwargs)
     chans = model.pretrained_cfg["input_size"][0] if model.in_chans == 3 else model.in_chans
     size = args.input_size or model.pretrained_cfg["input_size"][-1]
     report = model_cost(model, (chans, size, size))

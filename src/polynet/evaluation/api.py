@@ -17,6 +17,7 @@ from polynet.evaluation.report import (
     to_markdown,
     write_json,
 )
+from polynet.outputs import write_text
 
 REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png")
 
@@ -96,8 +97,7 @@ def write_reports(
         out = Path(out_dir)
         json_file, markdown_file, png_file = (out / name for name in REPORT_FILES)
         write_json(report, json_file)
-        markdown_file.parent.mkdir(parents=True, exist_ok=True)
-        markdown_file.write_text(to_markdown(report))
+        write_text(markdown_file, to_markdown(report))
         title = f"{report['model']['name']}, {report['protocol']['name']}"
         save_confusion_matrix(
             report["confusion_matrix"], report["data"]["classes"], png_file, title

@@ -18,6 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from polynet.data import UnreadableImageError, eval_transform
+from polynet.devices import resolve_device
 from polynet.evaluation.crops import (
     CROPS_PER_SCALE,
     MultiScaleResize,
@@ -337,7 +338,7 @@ def evaluate(
     protocol = protocol or SingleCrop()
     cfg = dict(cfg) if cfg is not None else model_config(model)
     description = describe_protocol(protocol, cfg)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     classes = list(getattr(dataset, "classes", None) or [])
     if not classes:
         raise ValueError("the data set has no 'classes' list; cannot name or count classes")

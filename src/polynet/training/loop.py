@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from polynet.data import build_dataset
+from polynet.devices import resolve_device
 from polynet.errors import UserError
 from polynet.loading import build_from_file
 from polynet.network import compile_units
@@ -209,16 +210,13 @@ class Trainer:
             torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0]))))
 
     def _device(self) -> torch.device:
-        cfg = self.cfg
-        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise UserError("device 'cuda' requested but CUDA is not available; use --device cpu")
-        if cfg.amp == "fp16" and not want_cuda:
+        device = resolve_device(self.cfg.device)
+        if self.cfg.amp == "fp16" and device.type != "cuda":
             raise UserError(
                 "--amp fp16 needs CUDA (float16 autocast is slow and unscaled on a CPU); use "
                 "--amp bf16 or --amp none on the CPU"
             )
-        return torch.device("cuda" if want_cuda else "cpu")
+        return torch.device(device.type)  # the process's GPU index is set with the group
 
     def _check_parallel(self) -> None:
         cfg = self.cfg
@@ -252,7 +250,7 @@ class Trainer:
     def _initial_model(self) -> nn.Module:
         """Build the model: from ``--init-from``'s own architecture, or ``cfg.model``."""
         cfg = self.cfg
-        kwargs = dict(cfg.model_kwargs, num_classes=len(self.classes))
+        kwargs = self.model_kwargs = dict(cfg.model_kwargs, num_classes=len(self.classes))
         if not cfg.init_from:
             self.model_name = cfg.model
             return self.model_factory(cfg.model, **kwargs)
@@ -330,7 +328,7 @@ class Trainer:
             model_name=self.model_name,
             model_config=config.to_dict() if config is not None else {},
             # Models without a config (the ablation's ResNets) are rebuilt from these.
-            model_kwargs={} if config is not None else dict(self.cfg.model_kwargs),
+            model_kwargs={} if config is not None else self.model_kwargs,
             model=self.raw_model.state_dict(),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -442,7 +440,7 @@ class Trainer:
         self.raw_model.set_path_drop(path_drop)
 
     def _autocast(self) -> torch.autocast:
-        enabled = self.cfg.amp != "none" and self.device.type == "cuda"
+        enabled = self.cfg.amp != "none"  # bf16 on a CPU too; fp16 there is refused at setup
         dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
 
