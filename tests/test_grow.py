@@ -4,9 +4,9 @@ from torch import nn
 
 import polynet
 from polynet.checkpoint import save_checkpoint
-from polynet.loading import load_model
 from polynet.cli import main
 from polynet.grow import GrowthMap, grow, interleaved_slots
+from polynet.loading import load_model
 
 SMALL = dict(stem="small", width_mult=0.0625, in_chans=1, num_classes=10)
 IR_1_2_1 = "A: ir | B: ir x2 | C: ir"

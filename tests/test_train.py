@@ -375,7 +375,8 @@ def test_init_from_loads_weights_without_optimizer_state(tmp_path, folder):
         for key, value in source.state_dict().items():
             assert torch.equal(trainer.raw_model.state_dict()[key], value), key
         assert (
-            trainer.raw_model.config.width_mult == TINY["width_mult"] and not trainer.optimizer.state
+            trainer.raw_model.config.width_mult == TINY["width_mult"]
+            and not trainer.optimizer.state
         )
     finally:
         trainer.close()

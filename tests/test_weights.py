@@ -16,8 +16,8 @@ import polynet
 from polynet.checkpoint import CheckpointError, save_checkpoint
 from polynet.cli import main
 from polynet.data import eval_transform
-from polynet.predict import predict
 from polynet.loading import convert, load_model
+from polynet.predict import predict
 from polynet.weights import (
     WeightsFile,
     fit_state_dict,
