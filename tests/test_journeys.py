@@ -464,7 +464,7 @@ def test_scripts(here, tmp_path):
             "--image-size",
             "75",
             "--batch-size",
-            "1",
+            "2",
             "--threads",
             "1",
         ],
@@ -475,8 +475,9 @@ def test_scripts(here, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     bench = shlex.split(commands[2])[1:]
+    quick = ["--quick", "--no-memory", "--candidates", "polynet,polynet-fused"]
     done = subprocess.run(
-        [*python, str(REPO / bench[0]), *bench[1:], "--quick"],
+        [*python, str(REPO / bench[0]), *bench[1:], *quick],
         capture_output=True,
         text=True,
         timeout=300,
@@ -513,13 +514,24 @@ def test_scripts(here, tmp_path):
 
 
 def test_bench_commands(here, capsys):
+    # A benchmark takes minutes even at --quick sizes, so each documented command is parsed
+    # and its configuration checked, and the README's runs end to end at quick sizes.
+    from polynet.cli import build_parser
+    from polynet.cli.bench import config_from_args
+
     for command in JOURNEY_GROUPS["bench"]:
         if "--device cuda" in command and not torch.cuda.is_available():
             assert run(command) == 2, command  # one line that says CUDA is missing
             assert "CUDA" in capsys.readouterr().err
             continue
-        quick = [] if "--quick" in command else ["--quick"]
-        assert run(command, *quick) == 0, command
+        argv = shlex.split(command)[1:]
+        config_from_args(build_parser(argv).parse_args(argv)).check()
+    quick = ["--quick", "--no-memory", "--candidates", "polynet,polynet-fused", "--overwrite"]
+    assert run(JOURNEY_GROUPS["bench"][0], *quick) == 0
+    assert (here / "bench.json").is_file() and (here / "bench.md").is_file()
+    # A result file is not replaced without --overwrite, and that is known before the run.
+    assert run(JOURNEY_GROUPS["bench"][0], *quick[:-1]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,7 +686,7 @@ JOURNEY_GROUPS: dict[str, list[str]] = {
         "bash quickstart.sh",
         "python benchmarks/memory.py --mode train polynet polynet-ckpt port",
         "python benchmarks/run_bench.py --json benchmarks/results/cpu-331-b4.json --markdown "
-        "benchmarks/results/cpu-331-b4.md",
+        "benchmarks/results/cpu-331-b4.md --overwrite",
         "python benchmarks/grow_fashion_mnist.py --source-steps 200 --steps 200 --eval-every 20 "
         "--test-subset 1000 --out-png docs/growing-curves.png --out-json "
         "benchmarks/results/grow_fashion_mnist.json",

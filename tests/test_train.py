@@ -439,3 +439,54 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
     assert "unknown config key 'bacth_size'" in err and "Traceback" not in err
     assert main(["train", "--lr", "-1", "--out", str(tmp_path / "x")]) == 2
     assert "lr must be positive" in capsys.readouterr().err
+
+
+@needs_fashion
+def test_in_memory_evaluation_batches_equal_the_per_image_transform(monkeypatch):
+    from polynet.data import build_dataset
+    from polynet.training import batches
+
+    dataset = build_dataset("fashion-mnist", "val")
+    cfg = dict(polynet.create_model("polynet_small").pretrained_cfg)
+    indices = list(range(0, 200, 3))
+    assert batches._is_tensor_identity(dataset, cfg)
+    fast = list(batches.eval_batches(dataset, indices, cfg, 16, 0))
+    monkeypatch.setattr(batches, "_is_tensor_identity", lambda *args: False)
+    slow = list(batches.eval_batches(dataset, indices, cfg, 16, 0))
+    assert len(fast) == len(slow)
+    for (x, y, _), (x_ref, y_ref, _) in zip(fast, slow, strict=True):
+        assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    # A model that resizes (another input size) takes the per-image path.
+    assert not batches._is_tensor_identity(dataset, {**cfg, "input_size": (1, 32, 32)})
+
+
+def test_planned_steps_fit_training_and_evaluations_into_the_budget():
+    from polynet.training.budget import RESERVE_SECONDS, Eta, Speed, planned_steps
+
+    speed = Speed(step_seconds=0.1, eval_image_seconds=0.001)
+    # 100 s: 10 epochs of 10 steps (1 s) plus 1,000 evaluated images (1 s) per epoch = 2 s.
+    steps = planned_steps(speed, 100 + RESERVE_SECONDS, 10, 1000, 0)
+    assert steps == 500  # 50 epochs x 2 s = 100 s
+    assert planned_steps(speed, 1.0, 10, 0, 0) == 1  # never nothing
+    eta = Eta(eval_images_per_epoch=1000, batch_size=10)
+    for _ in range(4):
+        eta.step(0.1)
+    # Before any evaluation: a forward pass costs a third of a training step per image.
+    assert eta.seconds_left(10, 2) == pytest.approx(10 * 0.1 + 2 * 1000 * 0.01 / 3)
+    eta.evaluated(2.5)
+    assert eta.seconds_left(10, 2) == pytest.approx(1.0 + 5.0)
+    assert eta.images_per_second == pytest.approx(100)
+
+
+@needs_fashion
+def test_time_budget_plans_the_length_once_and_a_resume_keeps_it(tmp_path, capsys):
+    values = dict(QUICK, data="fashion-mnist", out=str(tmp_path / "run"), val_subset=32)
+    result = loop.train(dict(values, time_budget=20.0, train_subset=96, batch_size=16))
+    err = capsys.readouterr().err
+    assert "time budget 20 s:" in err and "planned" in err
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["time_budget"] == 20.0 and saved["epochs"] == pytest.approx(result.epochs)
+    assert result.seconds < 20
+    again = loop.train(dict(out=str(tmp_path / "run"), resume=True))
+    assert "time budget" not in capsys.readouterr().err  # no second plan
+    assert again.steps == result.steps

@@ -10,6 +10,7 @@ from pathlib import Path
 from polynet.bench import CANDIDATES, BenchConfig, run_benchmark, to_markdown
 from polynet.checkpoint import atomic_write
 from polynet.cli import summary
+from polynet.outputs import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="add a torch.compile'd polynet")
     p.add_argument("--json", type=Path, metavar="OUT", help="write the report as JSON")
     p.add_argument("--markdown", type=Path, metavar="OUT", help="write the markdown table")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace existing --json / --markdown files"
+    )
     p.set_defaults(func=run)
 
 
@@ -65,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark and print (and optionally write) the table."""
     cfg = config_from_args(args)
     cfg.check()
+    for path, flag in ((args.json, "--json"), (args.markdown, "--markdown")):
+        if path:  # before the benchmark: a result file is replaced only with --overwrite
+            check_output(path, overwrite=args.overwrite, what=flag)
     report = run_benchmark(cfg, log=lambda line: print(f"bench: {line}", file=sys.stderr))
     table = to_markdown(report)
     print(table, end="")

@@ -216,8 +216,13 @@ def eval_batches(
     """Yield ``(images, labels, skipped_paths)`` with the model's evaluation transform.
 
     Unreadable images are left out and reported in ``skipped_paths``; ``images`` is None for a
-    batch without any readable image.
+    batch without any readable image. A data set held in memory at the model's input size
+    (Fashion-MNIST at 28 px) is normalised a whole batch at a time instead: its evaluation
+    transform resizes and crops nothing, so the result is the same, without per-image PIL work.
     """
+    if _is_tensor_identity(dataset, data_cfg):
+        yield from _tensor_eval_batches(dataset, indices, data_cfg, batch_size)
+        return
     loader = DataLoader(
         _EvalItems(dataset, eval_transform(data_cfg), indices),
         batch_size=batch_size,
@@ -226,3 +231,29 @@ def eval_batches(
         generator=torch.Generator().manual_seed(0),  # leave the global RNG untouched
     )
     yield from loader
+
+
+def _is_tensor_identity(dataset: Dataset, data_cfg: dict[str, Any]) -> bool:
+    """Whether ``dataset`` is a uint8 tensor whose evaluation transform only normalises."""
+    images = getattr(dataset, "images", None)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        return False
+    in_chans, height, width = data_cfg["input_size"]
+    chans = 1 if images.ndim == 3 else images.shape[1]
+    same_size = tuple(images.shape[-2:]) == (height, width)
+    return same_size and (data_cfg.get("crop_pct") or 1.0) == 1.0 and chans in (1, in_chans)
+
+
+def _tensor_eval_batches(
+    dataset: Dataset, indices: Sequence[int], data_cfg: dict[str, Any], batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    images = dataset.images if dataset.images.ndim == 4 else dataset.images.unsqueeze(1)
+    in_chans = data_cfg["input_size"][0]
+    mean, std = _stats(data_cfg, in_chans)
+    order = torch.as_tensor(list(indices), dtype=torch.long)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        x = images[chunk].float().div_(255)
+        if x.shape[1] != in_chans:  # grey -> RGB repeats, as MatchChannels does
+            x = x.expand(-1, in_chans, -1, -1)
+        yield _normalize(x, mean, std), torch.as_tensor(dataset.targets)[chunk], []

@@ -46,6 +46,9 @@ class TrainConfig:
         out: Output folder (checkpoints, metrics, TensorBoard events, curve).
         epochs: Run length in epochs (used when ``steps`` is None).
         steps: Run length in optimizer steps.
+        time_budget: Fit the run to this many seconds of training and evaluation: the speed
+            of this machine is measured before the first step and ``epochs`` is set to what
+            fits (and recorded, so a resumed run keeps it). None: ``steps`` or ``epochs``.
         batch_size: Global batch size (split evenly over processes).
         optimizer: ``"rmsproptf"`` (the paper), ``"sgd"`` or ``"adamw"``.
         lr: Learning rate; None means ``lr_base`` scaled linearly with the batch size.
@@ -76,6 +79,8 @@ class TrainConfig:
         val_subset: Evaluate on the first this many validation images (None: all).
         train_subset: Train on this many images drawn once with the seed (None: all).
         final_eval: Evaluate the final weights on the whole validation split.
+        eval_flip: Test-time flips: each validation image's logits are averaged with its
+            mirror image's (the final line also gives the top-1 without).
         checkpoint_every: Also save ``last.pt`` every this many steps (0: per epoch only).
         log_every: Log step metrics every this many steps.
         workers: DataLoader worker processes for image folders.
@@ -100,6 +105,7 @@ class TrainConfig:
     out: str = _how("runs/polynet")
     epochs: float = 10.0
     steps: int | None = None
+    time_budget: float | None = None
     batch_size: int = 256
     optimizer: str = "rmsproptf"
     lr: float | None = None
@@ -126,6 +132,7 @@ class TrainConfig:
     val_subset: int | None = None
     train_subset: int | None = None
     final_eval: bool = True
+    eval_flip: bool = False
     checkpoint_every: int = _how(0)
     log_every: int = _how(50)
     workers: int = _how(2)
@@ -329,6 +336,14 @@ def validate(cfg: TrainConfig) -> None:
     _range(cfg.epochs > 0, f"epochs must be positive, got {cfg.epochs}")
     _range(cfg.steps is None or cfg.steps >= 1, f"steps must be at least 1, got {cfg.steps}")
     _range(
+        cfg.time_budget is None or cfg.time_budget > 0,
+        f"time_budget must be a positive number of seconds, got {cfg.time_budget}",
+    )
+    _range(
+        cfg.time_budget is None or cfg.steps is None,
+        "time_budget and steps both fix the run length; pass only one",
+    )
+    _range(
         cfg.lr_decay_every is None or cfg.lr_decay_every > 0,
         f"lr_decay_every must be positive, got {cfg.lr_decay_every}",
     )
@@ -413,7 +428,13 @@ def layer_values(
     check_keys(file_values, str(config_file))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_keys(overrides, "the arguments")
-    return {**PRESETS.get(preset or "", {}), **file_values, **overrides}
+    values = {**PRESETS.get(preset or "", {}), **file_values, **overrides}
+    # A run length given by a later layer wins over a time budget of an earlier one: the
+    # quick start's file budgets its time, and `--epochs 3` on top of it means 3 epochs.
+    for later in (file_values, overrides):
+        if ("epochs" in later or "steps" in later) and "time_budget" not in later:
+            values["time_budget"] = None
+    return values
 
 
 def build_config(

@@ -15,6 +15,7 @@ where the saved one stopped (bitwise on CPU in deterministic mode).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ from polynet.errors import UserError
 from polynet.loading import build_from_file
 from polynet.network import compile_units
 from polynet.training.batches import FolderTrainBatches, TensorTrainBatches, eval_batches
+from polynet.training.budget import Eta, measure_speed, planned_steps
 from polynet.training.config import TrainConfig, build_config
 from polynet.training.distributed import (
     DistInfo,
@@ -154,6 +156,7 @@ class Trainer:
         self.model_factory = model_factory
         self.cfg = cfg
         self.start_time = time.time()
+        self.unflipped_top1: float | None = None  # with eval_flip: the last top-1 without
         self._set_threads()
         self.device = self._device()
         self.dist: DistInfo = init_distributed(self.device)
@@ -180,6 +183,9 @@ class Trainer:
             self._build_data()
             self._build_model()
             self.optimizer = build_optimizer(self.model, cfg)
+            if cfg.time_budget and not (cfg.resume and self.folder.newest_saved()):
+                self._plan_length()  # a resumed run keeps the length planned at its start
+                cfg = self.cfg
             self.scheduler, self.total_steps = build_scheduler(
                 self.optimizer, cfg, self.steps_per_epoch
             )
@@ -313,6 +319,47 @@ class Trainer:
         self.log.close()
         shutdown_distributed()
 
+    def _eval_images_per_epoch(self) -> int:
+        cfg = self.cfg
+        if self.val_set is None or not cfg.eval_every:
+            return 0
+        val = min(cfg.val_subset or len(self.val_set), len(self.val_set))
+        recalibrate = min(cfg.bn_recalibrate, len(self.train_indices))
+        return math.ceil((val + recalibrate) / cfg.eval_every)
+
+    def _plan_length(self) -> None:
+        """Set ``epochs`` so that the run ends inside ``time_budget`` on this machine."""
+        cfg = self.cfg
+        order = train_batches(len(self.train_indices), cfg.batch_size, cfg.seed, 0, self.dist)
+        first = [self.train_indices[b] for b in order[:8]]
+        if isinstance(self.batches, TensorTrainBatches):
+            probe_batches = (self.batches(b, 0, i) for i, b in enumerate(first))
+        else:
+            probe_batches = self.batches.epoch(first, 0)
+        speed = measure_speed(
+            self.raw_model,
+            lambda m: build_optimizer(m, cfg),
+            probe_batches,
+            self._autocast,
+            self.device,
+            self.memory_format,
+        )
+        final = 0
+        if cfg.final_eval and self.val_set is not None and not cfg.eval_every:
+            final = min(cfg.val_subset or len(self.val_set), len(self.val_set))
+        left = cfg.time_budget - (time.time() - self.start_time)
+        steps = planned_steps(
+            speed, left, self.steps_per_epoch, self._eval_images_per_epoch(), final
+        )
+        # Every process runs the main process's plan.
+        steps = int(all_sum(self.dist, float(steps) if self.dist.is_main else 0.0)[0])
+        self.cfg = dataclasses.replace(cfg, epochs=steps / self.steps_per_epoch)
+        self.log(
+            f"time budget {cfg.time_budget:g} s: {cfg.batch_size / speed.step_seconds:.0f} "
+            f"training images/s and {1 / speed.eval_image_seconds:.0f} evaluated images/s "
+            f"measured here; planned {self.cfg.epochs:.2f} epochs ({steps:,} steps)"
+        )
+
     # ----------------------------------------------------------------------------------------
     # Checkpoints
 
@@ -384,7 +431,7 @@ class Trainer:
         model.eval()
         n = len(self.val_set) if limit is None else min(limit, len(self.val_set))
         indices = eval_indices(n, self.dist)
-        loss_sum = correct = count = 0.0
+        loss_sum = correct = count = plain_correct = 0.0
         batch = max(1, self.cfg.batch_size // self.dist.world_size)
         workers = self.cfg.workers if not hasattr(self.val_set, "images") else 0
         for images, labels, skipped in eval_batches(
@@ -397,11 +444,18 @@ class Trainer:
             images = images.to(self.device, memory_format=self.memory_format)
             labels = labels.to(self.device)
             with self._autocast():
-                logits = model(images)
-            loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+                logits = model(images).float()
+                if self.cfg.eval_flip:  # test-time flip: the mirror image votes too
+                    plain_correct += (logits.argmax(1) == labels).sum().item()
+                    logits = (logits + model(images.flip(-1)).float()) / 2
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
             count += len(labels)
-        loss_sum, correct, count = all_sum(self.dist, loss_sum, correct, count)
+        loss_sum, correct, count, plain_correct = all_sum(
+            self.dist, loss_sum, correct, count, plain_correct
+        )
+        if self.cfg.eval_flip and count:
+            self.unflipped_top1 = 100.0 * plain_correct / count
         if count == 0:
             raise UserError("no readable validation image; check the validation folder")
         return loss_sum / count, 100.0 * correct / count, int(count)
@@ -492,6 +546,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         session_images, session_start = 0, time.time()
+        self.eta = Eta(self._eval_images_per_epoch(), cfg.batch_size)
         if state.global_step == 0:
             params = sum(p.numel() for p in self.raw_model.parameters())
             self.log(
@@ -532,15 +587,19 @@ class Trainer:
                 leave=False,
                 file=sys.stderr,
             )
-            tick = time.time()
+            tick = step_start = time.time()
             for images, labels in stream:
                 loss, correct = self._train_step(images, labels)
                 n = len(labels)
                 state.add_batch(loss, correct, n)
                 session_images += n * self.dist.world_size
-                elapsed = time.time() - session_start
-                rate = session_images / max(elapsed, 1e-9)
-                remaining = (self.total_steps - state.global_step) * cfg.batch_size / rate
+                now = time.time()
+                self.eta.step(now - step_start)
+                step_start = now
+                rate = self.eta.images_per_second * self.dist.world_size
+                remaining = self.eta.seconds_left(
+                    self.total_steps - state.global_step, self._evaluations_left(num_epochs)
+                )
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{state.loss_sum / state.images:.3f}",
@@ -561,8 +620,17 @@ class Trainer:
                         self.save()
             bar.close()
             self._end_epoch(epoch, state.step_in_epoch == len(order), time.time() - tick)
+            step_start = time.time()
         result = self._finish(session_images, time.time() - session_start)
         return result
+
+    def _evaluations_left(self, num_epochs: int) -> int:
+        """Per-epoch evaluations from the current epoch (included) to the end of the run."""
+        every = self.cfg.eval_every
+        if not every or self.val_set is None:
+            return 0
+        epochs = range(self.state.epoch, num_epochs)
+        return sum(1 for e in epochs if (e + 1) % every == 0 or e == num_epochs - 1)
 
     def _end_epoch(self, epoch: int, complete: bool, seconds: float) -> None:
         cfg, state = self.cfg, self.state
@@ -583,7 +651,9 @@ class Trainer:
             and cfg.eval_every
             and ((epoch + 1) % cfg.eval_every == 0 or last_epoch)
         ):
+            started = time.time()
             row["val_loss"], row["val_top1"], row["val_images"] = self.evaluate(cfg.val_subset)
+            self.eta.evaluated(time.time() - started)
             is_best = state.best_top1 is None or row["val_top1"] > state.best_top1
             if is_best:
                 state.best_top1 = row["val_top1"]
@@ -637,9 +707,12 @@ class Trainer:
                 result.final_loss, result.final_top1, result.val_images = self.evaluate(
                     cfg.val_subset
                 )
+            flip = ""
+            if cfg.eval_flip and self.unflipped_top1 is not None:
+                flip = f" with test-time flips ({self.unflipped_top1:.2f}% without)"
             self.log(
                 f"final weights: top-1 {result.final_top1:.2f}% on the {result.val_images:,} "
-                f"{'test' if 'mnist' in cfg.data.lower() else 'validation'} images"
+                f"{'test' if 'mnist' in cfg.data.lower() else 'validation'} images{flip}"
             )
         self.folder.write_result(
             dict(
