@@ -41,3 +41,57 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if device.type != "cpu":
         raise UserError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
     return device
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: str | torch.device | None = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively, so bf16 inference is faster than fp32.
+
+    On CPU that takes AVX512-BF16 or AMX: ``torch.backends.cpu.get_cpu_capability()`` names
+    AMX (``"AVX512_BF16"``/``"AMX"`` in builds that report it), and ``/proc/cpuinfo`` lists the
+    ``avx512_bf16`` / ``amx_bf16`` flags (this PyTorch reports plain ``"AVX512"`` on an
+    AVX512-BF16 CPU, so the flags decide there). On CUDA, ``torch.cuda.is_bf16_supported()``.
+
+    Args:
+        device: A device or its name (see :func:`resolve_device`).
+
+    """
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def default_precision(device: str | torch.device | None = "cpu") -> str:
+    """``"bf16"`` where :func:`native_bf16` holds for ``device``, else ``"fp32"``."""
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def resolve_precision(precision: str, device: str | torch.device | None = "cpu") -> str:
+    """The precision a name asks for: ``"auto"`` is :func:`default_precision` of ``device``.
+
+    Raises:
+        UserError: For a name other than auto, fp32, bf16 or int8, or int8 off the CPU.
+
+    """
+    if precision == "auto":
+        return default_precision(device)
+    if precision not in ("fp32", "bf16", "int8"):
+        raise UserError(f"unknown precision {precision!r}; use auto, fp32, bf16 or int8")
+    if precision == "int8" and resolve_device(device).type != "cpu":
+        raise UserError("int8 runs on the CPU (ONNX Runtime); use --device cpu or --precision bf16")
+    return precision

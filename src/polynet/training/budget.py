@@ -12,12 +12,14 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from polynet.training.config import TrainConfig
 
 # Slack kept free of the budget for checkpoint writes, the curve and the final report.
 RESERVE_SECONDS = 5.0
@@ -118,6 +120,30 @@ def planned_steps(
     )
     usable = seconds - RESERVE_SECONDS - final_eval_images * speed.eval_image_seconds
     return max(1, math.floor(usable / per_step))
+
+
+def eval_images_per_epoch(cfg: TrainConfig, val_set: Sized | None, train_images: int) -> int:
+    """Images a run evaluates per epoch on average (validation plus BatchNorm recalibration)."""
+    if val_set is None or not cfg.eval_every:
+        return 0
+    val = min(cfg.val_subset or len(val_set), len(val_set))
+    return math.ceil((val + min(cfg.bn_recalibrate, train_images)) / cfg.eval_every)
+
+
+def plan_steps(
+    cfg: TrainConfig,
+    speed: Speed,
+    seconds: float,
+    steps_per_epoch: int,
+    val_set: Sized | None,
+    train_indices: Sized,
+) -> int:
+    """The run length in steps that fits ``seconds`` with ``cfg``'s evaluations."""
+    final = 0
+    if cfg.final_eval and val_set is not None and not cfg.eval_every:
+        final = min(cfg.val_subset or len(val_set), len(val_set))
+    per_epoch = eval_images_per_epoch(cfg, val_set, len(train_indices))
+    return planned_steps(speed, seconds, steps_per_epoch, per_epoch, final)
 
 
 class Eta:

@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from polynet.data import build_dataset
-from polynet.devices import resolve_device
 from polynet.errors import UserError
-from polynet.loading import build_from_file
 from polynet.network import compile_units
-from polynet.training.batches import FolderTrainBatches, TensorTrainBatches, eval_batches
-from polynet.training.budget import Eta, measure_speed, planned_steps
+from polynet.training.batches import TensorTrainBatches
+from polynet.training.budget import Eta, eval_images_per_epoch, measure_speed, plan_steps
 from polynet.training.config import TrainConfig, build_config
 from polynet.training.distributed import (
     DistInfo,
@@ -49,11 +45,19 @@ from polynet.training.distributed import (
     shutdown_distributed,
     train_batches,
 )
+from polynet.training.evaluation import Evaluator
 from polynet.training.logs import RunLog, plot_curves
 from polynet.training.recipe import build_optimizer, build_scheduler
 from polynet.training.rundir import RUN_FILES, RunFolder, resumed_config
+from polynet.training.setup import (
+    build_data,
+    data_config,
+    initial_model,
+    set_threads,
+    train_device,
+    training_batches,
+)
 from polynet.training.state import TrainState, rng_state, seed_everything, set_rng_state
-from polynet.weights import fit_state_dict, read_weights
 from polynet.zoo import check_model_name, create_model
 
 __all__ = ["RUN_FILES", "TrainResult", "Trainer", "TrainingDiverged", "plot_curves", "train"]
@@ -157,13 +161,19 @@ class Trainer:
         self.cfg = cfg
         self.start_time = time.time()
         self.unflipped_top1: float | None = None  # with eval_flip: the last top-1 without
-        self._set_threads()
-        self.device = self._device()
+        set_threads(cfg)
+        self.device = train_device(cfg)
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        self._check_parallel()
+        if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
+            raise UserError("sync_bn needs CUDA (SyncBatchNorm has no CPU version); drop --sync-bn")
+        if cfg.batch_size % self.dist.world_size:
+            raise UserError(
+                f"batch_size {cfg.batch_size} does not split evenly over "
+                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
+            )
         if cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -207,82 +217,19 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     # Setup
 
-    def _set_threads(self) -> None:
-        if self.cfg.threads:
-            torch.set_num_threads(self.cfg.threads)
-        elif self.cfg.device != "cuda" and hasattr(os, "getloadavg"):
-            # Threads beyond the idle cores spin against other processes and run slower.
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-            torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0]))))
-
-    def _device(self) -> torch.device:
-        device = resolve_device(self.cfg.device)
-        if self.cfg.amp == "fp16" and device.type != "cuda":
-            raise UserError(
-                "--amp fp16 needs CUDA (float16 autocast is slow and unscaled on a CPU); use "
-                "--amp bf16 or --amp none on the CPU"
-            )
-        return torch.device(device.type)  # the process's GPU index is set with the group
-
-    def _check_parallel(self) -> None:
-        cfg = self.cfg
-        if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
-            raise UserError("sync_bn needs CUDA (SyncBatchNorm has no CPU version); drop --sync-bn")
-        if cfg.batch_size % self.dist.world_size:
-            raise UserError(
-                f"batch_size {cfg.batch_size} does not split evenly over "
-                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
-            )
-
     def _build_data(self) -> None:
-        cfg = self.cfg
-        self.train_set = build_dataset(cfg.data, "train")
-        self.classes = list(self.train_set.classes)
-        self.val_set = None
-        if cfg.eval_every or cfg.final_eval or cfg.path_drop_gap is not None:
-            self.val_set = build_dataset(cfg.data, "val")
-        n = len(self.train_set)
-        self.train_indices = torch.arange(n)
-        if cfg.train_subset is not None and cfg.train_subset < n:
-            g = torch.Generator().manual_seed(cfg.seed)
-            self.train_indices = torch.randperm(n, generator=g)[: cfg.train_subset].sort().values
-        if len(self.train_indices) < cfg.batch_size:
-            raise UserError(
-                f"the training set has {len(self.train_indices)} images, fewer than one batch "
-                f"of {cfg.batch_size}; lower --batch-size"
-            )
-        self.steps_per_epoch = len(self.train_indices) // cfg.batch_size
-
-    def _initial_model(self) -> nn.Module:
-        """Build the model: from ``--init-from``'s own architecture, or ``cfg.model``."""
-        cfg = self.cfg
-        kwargs = self.model_kwargs = dict(cfg.model_kwargs, num_classes=len(self.classes))
-        if not cfg.init_from:
-            self.model_name = cfg.model
-            return self.model_factory(cfg.model, **kwargs)
-        weights = read_weights(cfg.init_from)
-        model, self.model_name = build_from_file(weights, None, self.model_factory, **kwargs)
-        if weights.model_name and weights.model_name != cfg.model:
-            self.log(
-                f"warning: --init-from {cfg.init_from} holds {weights.model_name}; training "
-                f"that architecture (not --model {cfg.model})"
-            )
-        with warnings.catch_warnings():  # a new head for other classes is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            model.load_state_dict(fit_state_dict(weights, model))
-        return model
+        data = build_data(self.cfg)
+        self.train_set, self.val_set, self.classes = data.train_set, data.val_set, data.classes
+        self.train_indices, self.steps_per_epoch = data.train_indices, data.steps_per_epoch
+        self.data = data
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        model = self._initial_model()
-        self.raw_model = model.to(self.device)
-        self.data_cfg = dict(model.pretrained_cfg)
-        self.data_cfg["input_size"] = (
-            model.in_chans,
-            *self.data_cfg.get("input_size", (1, 28, 28))[1:],
+        model, self.model_name, self.model_kwargs = initial_model(
+            cfg, self.model_factory, len(self.classes), self.log
         )
-        if model.num_classes != self.data_cfg.get("num_classes"):
-            self.data_cfg["num_classes"] = model.num_classes
+        self.raw_model = model.to(self.device)
+        self.data_cfg = data_config(model)
         channels_last = (
             cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
         )
@@ -298,21 +245,15 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.model = model
-        images = getattr(self.train_set, "images", None)
-        if images is not None:
-            self.batches: Any = TensorTrainBatches(
-                images,
-                self.train_set.targets,
-                self.data_cfg,
-                cfg.crop_scale,
-                cfg.crop_ratio,
-                cfg.hflip,
-                cfg.seed,
-                self.dist.rank,
-            )
-        else:
-            aug = dict(self.data_cfg, scale=cfg.crop_scale, ratio=cfg.crop_ratio, hflip=cfg.hflip)
-            self.batches = FolderTrainBatches(self.train_set, aug, cfg.seed, cfg.workers)
+        self.batches: Any = training_batches(cfg, self.data, self.data_cfg, self.dist.rank)
+        self.evaluator = Evaluator(
+            self.device,
+            self.memory_format,
+            self._autocast,
+            max(1, cfg.batch_size // self.dist.world_size),
+            self.dist,
+            self.log,
+        )
 
     def close(self) -> None:
         """Close log files and leave the process group."""
@@ -320,12 +261,7 @@ class Trainer:
         shutdown_distributed()
 
     def _eval_images_per_epoch(self) -> int:
-        cfg = self.cfg
-        if self.val_set is None or not cfg.eval_every:
-            return 0
-        val = min(cfg.val_subset or len(self.val_set), len(self.val_set))
-        recalibrate = min(cfg.bn_recalibrate, len(self.train_indices))
-        return math.ceil((val + recalibrate) / cfg.eval_every)
+        return eval_images_per_epoch(self.cfg, self.val_set, len(self.train_indices))
 
     def _plan_length(self) -> None:
         """Set ``epochs`` so that the run ends inside ``time_budget`` on this machine."""
@@ -344,13 +280,8 @@ class Trainer:
             self.device,
             self.memory_format,
         )
-        final = 0
-        if cfg.final_eval and self.val_set is not None and not cfg.eval_every:
-            final = min(cfg.val_subset or len(self.val_set), len(self.val_set))
         left = cfg.time_budget - (time.time() - self.start_time)
-        steps = planned_steps(
-            speed, left, self.steps_per_epoch, self._eval_images_per_epoch(), final
-        )
+        steps = plan_steps(cfg, speed, left, self.steps_per_epoch, self.val_set, self.train_indices)
         # Every process runs the main process's plan.
         steps = int(all_sum(self.dist, float(steps) if self.dist.is_main else 0.0)[0])
         self.cfg = dataclasses.replace(cfg, epochs=steps / self.steps_per_epoch)
@@ -420,7 +351,6 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     # Evaluation
 
-    @torch.no_grad()
     def evaluate(self, limit: int | None = None) -> tuple[float, float, int]:
         """Mean loss, top-1 (%) and image count on the validation split (all processes)."""
         assert self.val_set is not None
@@ -428,70 +358,29 @@ class Trainer:
             self.recalibrate_batchnorm(self.cfg.bn_recalibrate)
         # Without the DDP wrapper: processes may run different numbers of evaluation batches.
         model = self.raw_model if self.dist.enabled else self.model
-        model.eval()
         n = len(self.val_set) if limit is None else min(limit, len(self.val_set))
-        indices = eval_indices(n, self.dist)
-        loss_sum = correct = count = plain_correct = 0.0
-        batch = max(1, self.cfg.batch_size // self.dist.world_size)
         workers = self.cfg.workers if not hasattr(self.val_set, "images") else 0
-        for images, labels, skipped in eval_batches(
-            self.val_set, indices, self.data_cfg, batch, workers
-        ):
-            for path in skipped:
-                self.log(f"warning: skipped unreadable validation image {path}")
-            if images is None:
-                continue
-            images = images.to(self.device, memory_format=self.memory_format)
-            labels = labels.to(self.device)
-            with self._autocast():
-                logits = model(images).float()
-                if self.cfg.eval_flip:  # test-time flip: the mirror image votes too
-                    plain_correct += (logits.argmax(1) == labels).sum().item()
-                    logits = (logits + model(images.flip(-1)).float()) / 2
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
-            count += len(labels)
-        loss_sum, correct, count, plain_correct = all_sum(
-            self.dist, loss_sum, correct, count, plain_correct
+        loss, top1, count, unflipped = self.evaluator.validate(
+            model,
+            self.val_set,
+            eval_indices(n, self.dist),
+            self.data_cfg,
+            workers,
+            self.cfg.eval_flip,
         )
-        if self.cfg.eval_flip and count:
-            self.unflipped_top1 = 100.0 * plain_correct / count
-        if count == 0:
-            raise UserError("no readable validation image; check the validation folder")
-        return loss_sum / count, 100.0 * correct / count, int(count)
+        self.unflipped_top1 = unflipped
+        return loss, top1, count
 
-    @torch.no_grad()
     def recalibrate_batchnorm(self, num_images: int) -> None:
-        """Replace BatchNorm running statistics by their average over training images.
+        """Recompute BatchNorm statistics over ``num_images`` training images (seeded choice).
 
-        Every process uses the same images (evaluation-transformed, a fixed seeded choice), so
-        the statistics agree across processes; the RNG state and stochastic paths are untouched.
+        Every process uses the same images, so the statistics agree across processes.
         """
-        norms = [
-            m for m in self.raw_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        ]
-        if not norms:
-            return
         order = torch.randperm(
             len(self.train_indices), generator=torch.Generator().manual_seed(self.cfg.seed)
         )
         indices = self.train_indices[order[:num_images]].tolist()
-        momenta = [m.momentum for m in norms]
-        path_drop = self.raw_model.path_drop_rate
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-        self.raw_model.set_path_drop(0.0)
-        self.raw_model.train()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            batch = max(1, self.cfg.batch_size // self.dist.world_size)
-            for images, _, _ in eval_batches(self.train_set, indices, self.data_cfg, batch, 0):
-                if images is not None:
-                    with self._autocast():
-                        self.raw_model(images.to(self.device, memory_format=self.memory_format))
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-        self.raw_model.set_path_drop(path_drop)
+        self.evaluator.recalibrate_batchnorm(self.raw_model, self.train_set, indices, self.data_cfg)
 
     def _autocast(self) -> torch.autocast:
         enabled = self.cfg.amp != "none"  # bf16 on a CPU too; fp16 there is refused at setup
