@@ -15,8 +15,11 @@ from timm.data import ImageNetInfo
 from torch import nn
 
 from polynet.data import eval_transform, read_image
+from polynet.devices import resolve_precision
+from polynet.fuse import inference_model
 
 IMAGENET_CLASSES = 1000
+CALIBRATION_IMAGES = 16  # int8: at least this many of the given images set activation ranges
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ def predict(
     top_k: int = 5,
     labels: Sequence[str] | None = None,
     batch_size: int = 8,
+    precision: str = "fp32",
 ) -> list[list[Prediction]]:
     """Top-k classes of each image, preprocessed as the model's ``pretrained_cfg`` says.
 
@@ -57,6 +61,10 @@ def predict(
         top_k: Classes per image (at most the number of classes).
         labels: Class names; by default :func:`class_labels`.
         batch_size: Images per forward pass.
+        precision: ``"fp32"`` (the model as it is), ``"bf16"`` or ``"int8"`` (the model's
+            inference copy, see :func:`polynet.fuse.inference_model`; int8 is calibrated on the
+            first ``2 * batch_size`` images given, at least 16 when there are that many), or
+            ``"auto"`` (:func:`polynet.devices.default_precision` of the model's device).
 
     Returns:
         For each image, its ``top_k`` predictions, most probable first.
@@ -73,10 +81,22 @@ def predict(
     transform = eval_transform(model.pretrained_cfg)
     model.eval()
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    runner = model
+    if precision != "fp32":
+        calibration = None
+        if precision == "int8":
+            count = max(2 * batch_size, CALIBRATION_IMAGES)
+            images_in = [transform(read_image(p)) for p in images[:count]]
+            calibration = [
+                torch.stack(images_in[i : i + batch_size])
+                for i in range(0, len(images_in), batch_size)
+            ]
+        runner = inference_model(model, precision, calibration)
     results: list[list[Prediction]] = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(read_image(p)) for p in images[start : start + batch_size]])
-        probs = model(batch.to(device)).softmax(dim=-1).cpu()
+        probs = runner(batch.to(device)).float().softmax(dim=-1).cpu()
         top = probs.topk(top_k, dim=-1)
         for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
             results.append(

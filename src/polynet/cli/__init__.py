@@ -52,6 +52,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
+
+
+def add_precision_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--precision {auto,fp32,bf16,int8}`` (shared by ``predict`` and ``eval``)."""
+    parser.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="fp32",
+        help="what the model computes in (default fp32): bf16 weights and activations; int8 "
+        "static quantization (CPU, ONNX Runtime, calibrated on real images); auto: bf16 where "
+        "the device has native bf16 (AVX512-BF16/AMX, bf16 GPUs), else fp32",
+    )
+
+
 def summary(command: str) -> str:
     """The one-line help of a command (its module passes it to ``add_parser``)."""
     return SUBCOMMANDS[command][1]

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from polynet.cli import summary
-from polynet.devices import resolve_device
+from polynet.cli import add_precision_argument, summary
+from polynet.devices import resolve_device, resolve_precision
 from polynet.errors import UserError
 from polynet.evaluation import MultiCrop, SingleCrop
 from polynet.evaluation.api import REPORT_FILES, evaluate_weights, write_reports
@@ -89,6 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--workers", type=int, default=2, help="data-loading processes")
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     run.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    add_precision_argument(run)
     run.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument(
@@ -123,7 +124,8 @@ def _check(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
-    resolve_device(args.device)  # a device that does not exist fails now, not after loading
+    # A device that does not exist, or int8 off the CPU, fails now, not after loading.
+    resolve_precision(args.precision, resolve_device(args.device))
     # Outputs are checked before the evaluation starts; inputs are never written over.
     inputs = [args.checkpoint]
     if args.json:
@@ -186,6 +188,7 @@ def _evaluate_and_report(
         amp=args.amp,
         progress=not args.no_progress,
         fuse=not args.no_fuse,
+        precision=args.precision,
     )
     if dist.is_initialized() and dist.get_rank() != 0:
         return
@@ -198,7 +201,7 @@ def _evaluate_and_report(
         f"(error {m['top1_error']:.2f}%), top-5 {m['top5_accuracy']:.2f}% "
         f"(error {m['top5_error']:.2f}%) on {m['images']} images, "
         f"{len(result.unreadable)} unreadable; {report['runtime']['images_per_second']:.1f} "
-        "images/s"
+        f"images/s in {result.precision}"
     )
     for path in write_reports(report, args.out, args.json):
         print(f"wrote {path}")

@@ -1,19 +1,22 @@
-"""``polynet predict IMAGE... --checkpoint FILE``: top-5 classes of each image."""
+"""``polynet predict IMAGE... --checkpoint FILE``: top-5 classes of each image.
+
+The first line printed is the precision the model runs in (``--precision``); int8 calibrates on
+the first images given (at least 16 of them where there are that many).
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from polynet.cli import summary
+from polynet.cli import add_precision_argument, summary
+from polynet.devices import resolve_precision
 from polynet.loading import load_model
 from polynet.predict import predict
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``predict`` subcommand."""
-    p = subparsers.add_parser(
-        "predict", help=summary("predict")
-    )
+    p = subparsers.add_parser("predict", help=summary("predict"))
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument(
         "--checkpoint", required=True, help="weights (.safetensors, checkpoint or released .pth)"
@@ -22,13 +25,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model", help="model name (default: the one the file names, else polynet_very_deep)"
     )
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print each image's top-k labels with probabilities."""
     model, weights = load_model(args.checkpoint, args.model)
-    results = predict(model, args.images, args.top_k, weights.class_names)
+    precision = resolve_precision(args.precision, next(model.parameters()).device)
+    print(f"precision: {precision}" + (" (auto)" if args.precision == "auto" else ""))
+    results = predict(model, args.images, args.top_k, weights.class_names, precision=precision)
     for image, top in zip(args.images, results, strict=True):
         print(image)
         for rank, p in enumerate(top, 1):

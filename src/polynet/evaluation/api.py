@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,11 @@ def evaluate_weights(
             :class:`~polynet.evaluation.MultiCrop`.
         model_name: The registered model to build; by default the one the file names.
         **eval_kwargs: Passed to :func:`~polynet.evaluation.evaluate` (``batch_size``,
-            ``device``, ``num_workers``, ``limit``, ``amp``, ``progress``, ``fuse``).
+            ``device``, ``num_workers``, ``limit``, ``amp``, ``progress``, ``fuse``,
+            ``precision``). With ``precision="int8"`` the activation ranges are calibrated on
+            256 evenly spaced images of the data set's ``train`` split (of the evaluated split
+            where the data set has no training split, with a warning); ``"auto"`` is
+            :func:`polynet.devices.default_precision` of the device.
 
     Returns:
         The report (see :func:`~polynet.evaluation.build_report`) and the raw result.
@@ -55,6 +60,8 @@ def evaluate_weights(
     # Preprocessing recorded with converted weights wins over the registry's defaults.
     cfg = {**model_config(model), **file.pretrained_cfg}
     dataset = build_dataset(data, split)
+    if eval_kwargs.get("precision") == "int8" and "calibration" not in eval_kwargs:
+        eval_kwargs["calibration"] = _calibration_split(data, split, dataset)
     result = evaluate(model, dataset, protocol, cfg=cfg, **eval_kwargs)
     device = str(next(model.parameters()).device)
     if device.startswith("cuda"):
@@ -70,7 +77,23 @@ def evaluate_weights(
         data=dict(source=data, split=getattr(dataset, "split", split)),
         device=device,
     )
+    report["runtime"]["precision"] = result.precision
     return report, result
+
+
+def _calibration_split(data: str, split: str, dataset: Any) -> Any:
+    """The training split to calibrate int8 on; the evaluated one where there is none."""
+    if split == "train":
+        return dataset
+    try:
+        return build_dataset(data, "train")
+    except (FileNotFoundError, ValueError):
+        warnings.warn(
+            f"{data} has no train split; calibrating int8 on the evaluated {split} split",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return dataset
 
 
 def write_reports(

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from polynet.data import UnreadableImageError, eval_transform
-from polynet.devices import resolve_device
+from polynet.devices import resolve_device, resolve_precision
 from polynet.evaluation.crops import (
     CROPS_PER_SCALE,
     MultiScaleResize,
@@ -37,7 +37,7 @@ from polynet.evaluation.pooling import (
     pool_multi_scale,
     pooled_count,
 )
-from polynet.fuse import is_fusable, optimize_for_inference
+from polynet.fuse import inference_model
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,7 @@ class EvalResult:
             excluded from the counts.
         seconds: Wall time of the evaluation loop.
         world_size: Processes that shared the work.
+        precision: What the model computed in (``"fp32"``, ``"bf16"`` or ``"int8"``).
 
     """
 
@@ -108,6 +109,7 @@ class EvalResult:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     world_size: int = 1
+    precision: str = "fp32"
 
     @property
     def images_per_second(self) -> float:
@@ -281,15 +283,27 @@ def _single_crop_transform(cfg: dict[str, Any], description: dict[str, Any]) -> 
     )
 
 
-def _inference_copy(model: nn.Module) -> nn.Module:
-    """A PolyNet's inference-optimised copy; anything else (or unfoldable norms) as it is."""
-    if not is_fusable(model):
-        return model
-    try:
-        with torch.inference_mode(False):  # ordinary tensors: the copy's weights stay tracked
-            return optimize_for_inference(model)
-    except ValueError:  # e.g. norms without running statistics: nothing to fold
-        return model
+CALIBRATION_IMAGES = 256
+
+
+def calibration_batches(
+    dataset: Dataset, transform: Callable, batch_size: int, images: int = CALIBRATION_IMAGES
+) -> list[torch.Tensor]:
+    """Preprocessed batches for int8 calibration: ``images`` items spread evenly over a data set.
+
+    Evenly spaced rather than the first ones, so that a folder sorted by class contributes
+    every class. Unreadable items are skipped.
+    """
+    count = min(images, len(dataset))
+    step = len(dataset) / max(count, 1)
+    tensors = []
+    for k in range(count):
+        try:
+            image, _ = dataset[int(k * step)]
+        except UnreadableImageError:
+            continue
+        tensors.append(transform(image))
+    return [torch.stack(tensors[i : i + batch_size]) for i in range(0, len(tensors), batch_size)]
 
 
 @torch.inference_mode()
@@ -306,6 +320,8 @@ def evaluate(
     amp: bool = False,
     progress: bool = True,
     fuse: bool = True,
+    precision: str = "fp32",
+    calibration: Dataset | None = None,
 ) -> EvalResult:
     """Evaluate a classifier on a data set of ``(PIL image, label)`` items.
 
@@ -330,15 +346,24 @@ def evaluate(
             (:func:`polynet.fuse.optimize_for_inference`: norms folded, parallel convolutions
             joined, oneDNN-packed on CPU; the same outputs within float rounding). Other
             models, and norms that cannot fold, are evaluated as they are.
+        precision: ``"fp32"``, ``"bf16"`` (bf16 weights and activations, fp32 logits) or
+            ``"int8"`` (static quantization, CPU only; see :func:`polynet.fuse.inference_model`).
+        calibration: For int8, a data set like ``dataset`` (e.g. its training split) whose
+            evenly spaced 256 images, single-crop preprocessed, calibrate the activation
+            ranges; by default those of ``dataset`` itself.
 
     Returns:
         The counts and what was skipped.
+
+    Raises:
+        UserError: For int8 off the CPU or an unknown precision.
 
     """
     protocol = protocol or SingleCrop()
     cfg = dict(cfg) if cfg is not None else model_config(model)
     description = describe_protocol(protocol, cfg)
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
     classes = list(getattr(dataset, "classes", None) or [])
     if not classes:
         raise ValueError("the data set has no 'classes' list; cannot name or count classes")
@@ -361,7 +386,14 @@ def evaluate(
         pin_memory=device.type == "cuda",
     )
     model = model.eval().to(device)
-    forward = AdaptiveBatchForward(_inference_copy(model) if fuse else model, batch_size)
+    batches = None
+    if precision == "int8":
+        calibration_transform = _single_crop_transform(cfg, describe_protocol(SingleCrop(), cfg))
+        batches = calibration_batches(
+            calibration if calibration is not None else dataset, calibration_transform, batch_size
+        )
+    runner = inference_model(model, precision, batches, fuse=fuse)
+    forward = AdaptiveBatchForward(runner, batch_size)
     metrics = ClassificationMetrics(len(classes), DEFAULT_TOPK)
     unreadable: list[_Unreadable] = []
     bar = tqdm(
@@ -391,7 +423,7 @@ def evaluate(
         dist.all_gather_object(gathered, (found, seconds))
         found = [item for part, _ in gathered for item in part]
         seconds = max(part_seconds for _, part_seconds in gathered)
-    return EvalResult(metrics, classes, description, found, seconds, world)
+    return EvalResult(metrics, classes, description, found, seconds, world, precision)
 
 
 def _run_multi_crop(

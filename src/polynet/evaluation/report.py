@@ -117,7 +117,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- Protocol: {_protocol_line(report['protocol'])}",
         f"- Runtime: {report['runtime']['seconds']:.1f} s, "
         f"{report['runtime']['images_per_second']:.1f} images/s on "
-        f"{report['runtime']['processes']} process(es) {report['runtime']['device']}",
+        f"{report['runtime']['processes']} process(es) {report['runtime']['device']}"
+        + (f", {report['runtime']['precision']}" if report["runtime"].get("precision") else ""),
         "",
         "| metric | top-1 | top-5 |",
         "|---|---|---|",
