@@ -475,7 +475,8 @@ def test_scripts(here, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     bench = shlex.split(commands[2])[1:]
-    quick = ["--quick", "--no-memory", "--candidates", "polynet,polynet-fused"]
+    # The bench itself runs end to end in test_bench_commands; here the script's own path.
+    quick = ["--quick", "--no-memory", "--no-train", "--candidates", "polynet"]
     done = subprocess.run(
         [*python, str(REPO / bench[0]), *bench[1:], *quick],
         capture_output=True,
@@ -584,16 +585,25 @@ def test_killed_moved_and_resumed_run_equals_the_uninterrupted_one(here, tmp_pat
     moved = tmp_path / "moved" / "fm"
     moved.parent.mkdir()
     shutil.move(tmp_path / "run", moved)
-    # The README's command, with the folder spelled with a trailing slash and other threads.
-    assert main(["train", "--out", f"{moved}/", "--resume", "--threads", "2"]) == 0
-    whole, resumed = (
-        load_checkpoint(tmp_path / "whole" / "last.pt"),
-        load_checkpoint(moved / "last.pt"),
-    )
+    other = tmp_path / "copied"
+    shutil.copytree(moved, other)
+    # The README's command, the folder spelled with a trailing slash: bitwise equal.
+    assert main(["train", "--out", f"{moved}/", "--resume"]) == 0
+    whole = load_checkpoint(tmp_path / "whole" / "last.pt")
+    resumed = load_checkpoint(moved / "last.pt")
     assert resumed["train_state"]["global_step"] == 8
     for key, value in whole["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     assert "resumed" in (moved / "train.log").read_text()
+    # With other threads the run continues too; oneDNN's parallel reductions (convolution
+    # weight gradients, channels-last BatchNorm) round differently with another thread count,
+    # so it is equal to rounding, not bitwise.
+    assert main(["train", "--out", str(other), "--resume", "--threads", "2"]) == 0
+    again = load_checkpoint(other / "last.pt")
+    assert again["train_state"]["global_step"] == 8
+    for key, value in whole["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(again["model"][key], value, atol=1e-3, rtol=1e-3)
 
 
 def test_steps_run_decays_at_the_papers_fractions(here):
@@ -605,9 +615,9 @@ def test_steps_run_decays_at_the_papers_fractions(here):
     _, total = build_scheduler(build_optimizer(torch.nn.Linear(1, 1), cfg), cfg, 468)
     factor = build_scheduler(build_optimizer(torch.nn.Linear(1, 1), cfg), cfg, 468)[0].lr_lambdas[0]
     assert total == 200
-    assert [factor(s) for s in (0, 57, 58, 114, 115, 172, 199)] == pytest.approx(
-        [1, 1, 0.1, 0.1, 0.01, 0.01, 0.001]
-    )
+    # 2/7, 4/7 and 6/7 of 200 steps: 57.1, 114.3 and 171.4.
+    steps = (0, 57, 58, 114, 115, 171, 172, 199)
+    assert [factor(s) for s in steps] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
 # ---------------------------------------------------------------------------------------------
