@@ -52,10 +52,12 @@ def main() -> None:
         candidates = {
             "fp32 fused": optimize_for_inference(model),
             "bf16 fused": optimize_for_inference(model, precision="bf16"),
+            "bf16 unpacked": optimize_for_inference(model, precision="bf16", prepack=False),
             "int8 onnxruntime": optimize_for_inference(
                 model, precision="int8", calibration=data[:2]
             ),
         }
+        candidates["fp32 onnxruntime"] = _onnx_fp32(model, x)
         if args.pt2e:
             candidates["int8 pt2e inductor"] = _pt2e(model, data[:2])
         base = None
@@ -68,6 +70,21 @@ def main() -> None:
                 f"{name:20s} {rate:8.1f} img/s  {rate / base:5.2f}x  max|dlogit| {err:.3g}  "
                 f"top-1 agreement {agree:.3f}"
             )
+
+
+def _onnx_fp32(model: torch.nn.Module, x: torch.Tensor):
+    """The same fused graph in ONNX Runtime at fp32: how much of int8's gain is the runtime."""
+    import tempfile
+    from pathlib import Path
+
+    from polynet.export import export_onnx
+    from polynet.quantize import Int8Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(
+            optimize_for_inference(model, prepack=False), Path(tmp) / "m.onnx", tuple(x.shape[1:])
+        )
+        return Int8Model(path.read_bytes(), model)  # a session wrapper, whatever the dtype
 
 
 def _pt2e(model: torch.nn.Module, calibration: list[torch.Tensor]):

@@ -255,9 +255,14 @@ class FoldedMixed(nn.Module):
         )
 
 
-# oneDNN runs packed bf16 convolutions natively (AVX512-BF16/AMX), accumulating in fp32: the
-# packed bf16 path ran 2.07x the packed fp32 one on a 128->192 3x3 convolution at 17x17,
-# batch 8, one thread (AVX512-BF16 EPYC; plain bf16 F.conv2d: 1.97x), so bf16 packs too.
+# oneDNN runs packed bf16 convolutions natively (AVX512-BF16/AMX), accumulating in fp32, so bf16
+# weights pack too. Measured on a 2-core AVX512-BF16 EPYC (shared with other jobs), one thread:
+# a 128->192 3x3 convolution at 17x17, batch 8, packed bf16 ran 2.07x packed fp32 (plain bf16
+# F.conv2d: 1.97x); whole bf16 polynet_small models ran 1.8-2.2x the packed fp32 model, and
+# packed vs plain bf16 F.conv2d was within the machine's noise (0.85-1.23x over five runs at
+# width_mult 0.25 and 0.5). Packed stays: it is never slower beyond noise and takes the ReLU
+# as a post-op. Reproduce with ``python benchmarks/int8_paths.py`` ("bf16 fused" vs
+# "bf16 unpacked").
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
