@@ -555,5 +555,6 @@ def inference_model(
     if precision == "int8":
         from polynet.quantize import quantize_int8
 
-        return quantize_int8(model.eval(), calibration)
+        with torch.inference_mode(False):  # the ONNX exporter traces ordinary tensors
+            return quantize_int8(model.eval(), calibration)
     return model
