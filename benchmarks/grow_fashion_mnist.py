@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import polynet
 from polynet.data import FashionMNIST
 from polynet.grow import grow
-from polynet.zoo import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from polynet.registry import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 SOURCE_SPEC = "A: ir | B: ir x2 | C: ir"
 TARGET_SPEC = "A: 2-way x2 | B: (mpoly-2, 2-way) x2 | C: 2-way x2"

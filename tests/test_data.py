@@ -121,27 +121,27 @@ def test_decompression_bomb_is_refused(tmp_path):
 
 def test_colour_modes_decode_correctly(tmp_path):
     cmyk = tmp_path / "cmyk.jpg"
-    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(cmyk)  # pure red
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(cmyk)  # pure red
     r, g, b = read_image(cmyk).getpixel((1, 1))
     assert r > 240 and g < 15 and b < 15
 
     grey16 = tmp_path / "grey16.png"
-    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(grey16)
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(grey16)
     assert read_image(grey16).getpixel((0, 0)) == (128, 128, 128)  # not clipped to 255
 
-    palette = Image.new("P", (4, 4))
+    palette = Image.new("P", (8, 8))
     palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     palette.putpixel((0, 0), 1)
     palette.save(tmp_path / "p.png")
     assert read_image(tmp_path / "p.png").getpixel((0, 0)) == (10, 200, 30)
 
-    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
     rgba.putpixel((1, 0), (0, 0, 0, 0))  # fully transparent black shows as white
     rgba.save(tmp_path / "a.png")
     decoded = read_image(tmp_path / "a.png")
     assert decoded.getpixel((0, 0)) == (255, 0, 0) and decoded.getpixel((1, 0)) == (255,) * 3
 
-    Image.new("L", (3, 3), 77).save(tmp_path / "l.png")
+    Image.new("L", (8, 8), 77).save(tmp_path / "l.png")
     assert read_image(tmp_path / "l.png").getpixel((2, 2)) == (77, 77, 77)
 
 

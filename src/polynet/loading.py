@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from polynet.checkpoint import CheckpointError, atomic_write
+from polynet.network import describe_classes
 from polynet.weights import (
     PORT_MODEL,
     WeightsFile,
@@ -118,6 +119,9 @@ def load_model(
     weights = read_weights(path)
     model, _ = build_from_file(weights, model_name, factory, **overrides)
     model.load_state_dict(fit_state_dict(weights, model, adapt=adapt), strict=True)
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg is not None and weights.class_names and len(weights.class_names) == model.num_classes:
+        describe_classes(cfg, model.num_classes, weights.class_names)  # timm's label_names
     return model.to(map_location).eval(), weights
 
 

@@ -16,14 +16,13 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import safetensors
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, ImageNetInfo
+from timm.data import ImageNetInfo
 from timm.models import (
     build_model_with_cfg,
     generate_default_cfgs,
@@ -32,7 +31,6 @@ from timm.models import (
 )
 from torch import nn
 
-from polynet.algebra import PAPER_MODULES, module_id
 from polynet.checkpoint import read_torch_file
 from polynet.data import FASHION_MNIST_CLASSES
 from polynet.errors import UserError
@@ -43,122 +41,8 @@ from polynet.network import (
     feature_map_size,
     take_indices,
 )
+from polynet.registry import MODELS, ModelDef, check_model_name, list_names
 from polynet.weights import PORT_MODEL, load_pretrained
-
-VERY_DEEP_SPEC = "A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5"
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-
-
-def _ir(a: int, b: int, c: int) -> str:
-    return f"A: ir x{a} | B: ir x{b} | C: ir x{c}"
-
-
-def _imagenet_cfg(size: int = 299, **overrides: Any) -> dict[str, Any]:
-    """The paper's evaluation input: bilinear resize and centre crop, ImageNet statistics."""
-    cfg = dict(
-        num_classes=1000,
-        input_size=(3, size, size),
-        crop_pct=0.875,
-        crop_mode="center",
-        interpolation="bilinear",
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        first_conv="stem.conv1.conv",
-        classifier="last_linear",
-        license="apache-2.0",
-    )
-    cfg.update(overrides)
-    return cfg
-
-
-def _small_cfg(**overrides: Any) -> dict[str, Any]:
-    """Fashion-MNIST-sized input: 1 x 28 x 28, no crop, the data set's statistics."""
-    cfg = _imagenet_cfg(
-        num_classes=10,
-        input_size=(1, 28, 28),
-        crop_pct=1.0,
-        mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD,
-    )
-    cfg.update(overrides)
-    return cfg
-
-
-@dataclass(frozen=True)
-class ModelDef:
-    """A registered model: its spec, constructor arguments and preprocessing.
-
-    Attributes:
-        spec: The network spec (see :mod:`polynet.specs`).
-        kwargs: Extra :class:`~polynet.network.PolyNet` arguments.
-        cfg: The preprocessing part of the ``pretrained_cfg`` (input size, crop,
-            interpolation, mean, std, ...); the registered cfg adds what follows from the
-            architecture and the data set (:func:`registered_cfg`).
-        description: One line for ``polynet list``.
-        dataset: The data set whose classes the classifier's outputs are: ``"imagenet-1k"``
-            or ``"fashion-mnist"``.
-
-    """
-
-    spec: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    cfg: dict[str, Any] = field(default_factory=_imagenet_cfg)
-    description: str = ""
-    dataset: str = "imagenet-1k"
-
-
-
-SMALL = dict(stem="small", width_mult=0.125, in_chans=1, num_classes=10, drop_rate=0.0)
-
-MODELS: dict[str, ModelDef] = {
-    "polynet": ModelDef(_ir(5, 10, 5), description="any spec: create_model('polynet', spec=...)"),
-    "polynet_very_deep": ModelDef(
-        VERY_DEEP_SPEC,
-        dict(sharing="released", residual_scale="released"),
-        # The released protocol: squash-resize to 378 x 378, centre crop 331.
-        _imagenet_cfg(331, crop_pct=331 / 378, crop_mode="squash"),
-        "the released Very Deep PolyNet (95.4M params, 331 px)",
-    ),
-    "polynet_ir_3_6_3": ModelDef(_ir(3, 6, 3), description="IR 3-6-3, the ablation baseline"),
-    "polynet_ir_5_10_5": ModelDef(_ir(5, 10, 5), description="IR 5-10-5, Inception-ResNet-v2"),
-    "polynet_ir_6_12_6": ModelDef(_ir(6, 12, 6), description="IR 6-12-6, the mixing baseline"),
-    "polynet_ir_20_56_20": ModelDef(
-        _ir(20, 56, 20), description="IR 20-56-20, the Very Deep Inception-ResNet"
-    ),
-}
-for _stage in "abc":
-    for _module in PAPER_MODULES:
-        _depths = dict(a="ir x3", b="ir x6", c="ir x3")
-        _depths[_stage] = f"{_module} x{dict(a=3, b=6, c=3)[_stage]}"
-        MODELS[f"polynet_3_6_3_{_stage}_{module_id(_module)}"] = ModelDef(
-            f"A: {_depths['a']} | B: {_depths['b']} | C: {_depths['c']}",
-            description=f"IR 3-6-3 with stage {_stage.upper()} made of {_module} (Fig. 6)",
-        )
-MODELS["polynet_6_12_6_mixed"] = ModelDef(
-    "A: ir x6 | B: (3-way -> mpoly-3 -> poly-3) x4 | C: ir x6",
-    description="IR 6-12-6 with stage B (3-way -> mpoly-3 -> poly-3) x4 (Fig. 8)",
-)
-for _module in ("3-way", "mpoly-3", "poly-3"):
-    MODELS[f"polynet_6_12_6_{module_id(_module)}"] = ModelDef(
-        f"A: ir x6 | B: {_module} x12 | C: ir x6",
-        description=f"IR 6-12-6 with stage B uniformly {_module} (Fig. 8)",
-    )
-MODELS.update(
-    polynet_small_ir=ModelDef(
-        _ir(1, 2, 1),
-        SMALL,
-        _small_cfg(),
-        "small Inception-ResNet baseline for 28-64 px",
-        "fashion-mnist",
-    ),
-    polynet_small=ModelDef(
-        "A: 2-way | B: (mpoly-2, poly-2) | C: 2-way",
-        SMALL,
-        _small_cfg(),
-        "small PolyNet for 28-64 px (the quick start's default)",
-        "fashion-mnist",
-    ),
-)
 
 STAGE_NAMES = ("stage_a", "stage_b", "stage_c")
 """The modules whose outputs are the feature maps (``feature_info``, ``out_indices``)."""
@@ -313,17 +197,8 @@ for _name in MODELS:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered PolyNet model names matching a glob pattern."""
-    return timm.list_models(pattern, module=__name__.rsplit(".", 1)[-1])
-
-
-def check_model_name(name: str) -> None:
-    """Raise a ValueError naming close matches and the full list for an unknown model."""
-    if name in MODELS:
-        return
-    close = difflib.get_close_matches(name, MODELS, n=3)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"unknown model {name!r}; {hint}valid models: {', '.join(MODELS)}")
+    """Registered PolyNet model names matching a glob pattern (as ``timm.list_models``)."""
+    return list_names(pattern)
 
 
 # Arguments timm's factory takes besides the model's own (features_only, ...).
@@ -388,4 +263,8 @@ def create_model(
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
         load_pretrained(model, checkpoint_path)
+        names = recorded_class_names(checkpoint_path)
+        cfg = getattr(model, "pretrained_cfg", None)
+        if cfg is not None and names and len(names) == getattr(model, "num_classes", -1):
+            describe_classes(cfg, model.num_classes, names)
     return model

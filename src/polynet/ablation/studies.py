@@ -28,8 +28,9 @@ from torch import nn
 
 from polynet.algebra import PAPER_MODULES, module_id, parse
 from polynet.modules import resolve_expression
+from polynet.registry import MODELS, VERY_DEEP_SPEC
 from polynet.specs import NetworkSpec
-from polynet.zoo import MODELS, VERY_DEEP_SPEC, create_model
+from polynet.zoo import create_model
 
 SCALES = ("small", "full")
 # Width of the small-image variant: IR 3-6-3 at 1/16 width has 85K parameters and trains at
@@ -232,7 +233,6 @@ def _resnet(depth: int, scale: str, width_mult: float) -> StudyConfig:
     return StudyConfig(
         f"resnet_{depth}", f"ResNet-{depth}", "resnet", RESNET_MODEL, kwargs, units=sum(layers)
     )
-
 
 
 def build_study(name: str, scale: str = "small", width_mult: float | None = None) -> Study:

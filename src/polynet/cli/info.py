@@ -5,23 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from polynet.cli import summary
-from polynet.cost import model_cost
-from polynet.zoo import MODELS, create_model, list_models
+from polynet.registry import MODELS, list_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``list`` and ``info`` subcommands."""
-    p = subparsers.add_parser(
-        "list", help=summary("list"))
+    p = subparsers.add_parser("list", help=summary("list"))
     p.add_argument("pattern", nargs="?", default="*", help="glob pattern, e.g. 'polynet_3_6_3_b*'")
     p.set_defaults(func=run_list)
 
-    p = subparsers.add_parser(
-        "info", help=summary("info")
-    )
+    p = subparsers.add_parser("info", help=summary("info"))
     p.add_argument("model", help="a registered model name (see 'polynet list')")
     p.add_argument("--spec", help="network spec for the generic 'polynet' model")
     p.add_argument("--input-size", type=int, help="square input side (default: the model's)")
@@ -32,13 +26,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_list(args: argparse.Namespace) -> int:
     """Print one line per registered model."""
-    for name in list_models(args.pattern):
+    for name in list_names(args.pattern):  # the registry table: no torch to import
         print(f"{name:<28} {MODELS[name].description}")
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
     """Print the model's spec, parameters and MACs."""
+    import torch  # only here: `polynet list` answers without it
+
+    from polynet.cost import model_cost
+    from polynet.zoo import create_model
+
     kwargs = {}
     if args.spec:
         kwargs["spec"] = args.spec

@@ -32,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from polynet.errors import UserError
-from polynet.network import compile_units
+from polynet.network import compile_units, describe_classes
 from polynet.training.batches import TensorTrainBatches
 from polynet.training.budget import Eta, eval_images_per_epoch, measure_speed, plan_steps
 from polynet.training.config import TrainConfig, build_config
@@ -228,6 +228,10 @@ class Trainer:
         model, self.model_name, self.model_kwargs = initial_model(
             cfg, self.model_factory, len(self.classes), self.log
         )
+        if getattr(model, "pretrained_cfg", None) is not None:
+            # A folder-trained model's classes are its own (timm's label_names), not the
+            # registered data set's.
+            describe_classes(model.pretrained_cfg, len(self.classes), self.classes)
         self.raw_model = model.to(self.device)
         self.data_cfg = data_config(model)
         channels_last = (
