@@ -41,6 +41,7 @@ CANDIDATES = (
     "polynet",
     "polynet-fused",
     "polynet-fused-plain",
+    "polynet-fused-bf16",
     "polynet-naive",
     "polynet-ckpt",
     "port",
@@ -48,11 +49,16 @@ CANDIDATES = (
     "timm-irv2",
 )
 """Benchmarked configurations; see :data:`DESCRIPTIONS`."""
+OPT_IN_CANDIDATES = ("polynet-int8",)
+"""Measured only when named in ``candidates``: quantizing the full model takes minutes."""
 
 DESCRIPTIONS = {
     "polynet": "polynet_very_deep, eager, channels_last, cascaded",
     "polynet-fused": "polynet.fuse.optimize_for_inference(polynet_very_deep)",
     "polynet-fused-plain": "the same without oneDNN weight pre-packing (prepack=False)",
+    "polynet-fused-bf16": "optimize_for_inference(polynet_very_deep, precision='bf16')",
+    "polynet-int8": "optimize_for_inference(polynet_very_deep, precision='int8'): ONNX Runtime "
+    "static int8, calibrated on 2 random batches (CPU only; opt-in)",
     "polynet-naive": "polynet_very_deep with every path evaluated separately (forward_naive)",
     "polynet-ckpt": "polynet_very_deep with set_grad_checkpointing(True)",
     "port": "pretrainedmodels.polynet, eager, as released (NCHW)",
@@ -61,7 +67,13 @@ DESCRIPTIONS = {
     "polynet-compiled": "polynet with every unit and Mixed part torch.compile'd "
     "(polynet.network.compile_units; only with --compile)",
 }
-INFERENCE_ONLY = {"polynet-fused", "polynet-fused-plain", "polynet-naive"}
+INFERENCE_ONLY = {
+    "polynet-fused",
+    "polynet-fused-plain",
+    "polynet-fused-bf16",
+    "polynet-int8",
+    "polynet-naive",
+}
 TRAINING_ONLY = {"polynet-ckpt"}
 
 
@@ -114,9 +126,12 @@ class BenchConfig:
 
     def check(self) -> None:
         """Raise a ValueError naming a bad setting and the fix."""
-        unknown = [c for c in self.candidates if c not in CANDIDATES]
+        valid = CANDIDATES + OPT_IN_CANDIDATES
+        unknown = [c for c in self.candidates if c not in valid]
         if unknown:
-            raise ValueError(f"unknown candidates {unknown}; valid: {', '.join(CANDIDATES)}")
+            raise ValueError(f"unknown candidates {unknown}; valid: {', '.join(valid)}")
+        if "polynet-int8" in self.candidates and self.device != "cpu":
+            raise ValueError("polynet-int8 runs on the CPU (ONNX Runtime); drop it or use cpu")
         if self.image_size < 75:
             raise ValueError(
                 f"image_size must be at least 75 (the ImageNet stem), got {self.image_size}"
@@ -202,6 +217,15 @@ def build_candidates(cfg: BenchConfig, same_weights: bool = True) -> dict[str, n
         built["polynet-fused"] = optimize_for_inference(ours)
     if "polynet-fused-plain" in wanted:
         built["polynet-fused-plain"] = optimize_for_inference(ours, prepack=False)
+    if "polynet-fused-bf16" in wanted:
+        built["polynet-fused-bf16"] = optimize_for_inference(ours, precision="bf16")
+    if "polynet-int8" in wanted:
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        size = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+        calibration = [torch.randn(size, generator=gen) for _ in range(2)]
+        built["polynet-int8"] = optimize_for_inference(
+            ours, precision="int8", calibration=calibration
+        )
     if wanted & {"polynet", "polynet-naive", "polynet-ckpt"}:
         fast = ours.to(memory_format=cl)
         built["polynet"] = fast
@@ -487,7 +511,9 @@ def run_benchmark(cfg: BenchConfig, log: Callable[[str], None] = lambda s: None)
         name, mode = row["candidate"], row["mode"]
         model = models[name]
         if (name, mode) not in flops:
-            flops[name, mode] = count_flops(model, _input(name, one), mode == "train")
+            # ONNX Runtime runs outside torch's FLOP counter: count the fp32 graph it came from.
+            counted = getattr(model, "source_model", model)
+            flops[name, mode] = count_flops(counted, _input(name, one), mode == "train")
         seconds = statistics.median(row["seconds"])
         row["images_per_s"] = cfg.batch_size / seconds
         row["gmacs_per_image"] = flops[name, mode] / 2 / 1e9

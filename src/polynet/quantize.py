@@ -106,6 +106,11 @@ class Int8Model:
             raise UserError("the int8 model runs on the CPU; use --device cpu")
         return self
 
+    @property
+    def source_model(self) -> nn.Module:
+        """The fp32 model this was quantized from (e.g. to count its FLOPs)."""
+        return self._source
+
     def parameters(self):
         """The source model's parameters (where callers look for the device)."""
         return self._source.parameters()
