@@ -1,4 +1,6 @@
-"""Constants shared by the training, data and reliability tests."""
+"""Constants and helpers shared by the training, data and reliability tests."""
+
+import json
 
 import pytest
 
@@ -10,3 +12,19 @@ needs_fashion = pytest.mark.skipif(
 )
 # A PolyNet small enough for a training step in milliseconds: 2-way, poly-2 and 2-way units.
 TINY = dict(width_mult=0.03125, spec="A: 2-way | B: poly-2 | C: 2-way")
+
+
+def cli_flags(values: dict) -> list[str]:
+    """``polynet train`` flags for config values (``batch_size=8`` -> ``--batch-size 8``)."""
+    argv = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, tuple):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import polynet
-from _shared import TINY
+from _shared import TINY, cli_flags
 from polynet.checkpoint import CheckpointError, save_checkpoint
 from polynet.cli import main
 from polynet.data import fashion_mnist_dir
@@ -133,20 +133,7 @@ def test_a_real_bug_keeps_its_traceback(error, monkeypatch, tmp_path):
 
     monkeypatch.setattr(loop.Trainer, "run", fail)
     with pytest.raises(type(error)):
-        main(["train", "--out", str(tmp_path / "r"), *_flags(RUN)])
-
-
-def _flags(values: dict) -> list[str]:
-    flags = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, dict):
-            flags += [flag, json.dumps(value)]
-        else:
-            flags += [flag, str(value)]
-    return flags
+        main(["train", "--out", str(tmp_path / "r"), *cli_flags(RUN)])
 
 
 # --- 7: garbage accepted silently ------------------------------------------------------------
@@ -167,14 +154,14 @@ def test_export_input_size_zero_is_refused(small_checkpoint, tmp_path, capsys):
 @needs_fashion
 def test_fp16_autocast_on_the_cpu_is_refused(tmp_path, capsys):
     argv = ["train", "--out", str(tmp_path / "r"), "--device", "cpu", "--amp", "fp16"]
-    assert main([*argv, *_flags(RUN)]) == 2
+    assert main([*argv, *cli_flags(RUN)]) == 2
     assert "--amp fp16 needs CUDA" in one_line_error(capsys)
 
 
 @needs_fashion
 def test_init_from_another_architecture_says_which_it_trains(small_checkpoint, tmp_path, capsys):
     argv = ["train", "--init-from", str(small_checkpoint), "--out", str(tmp_path / "r")]
-    assert main([*argv, *_flags(RUN), "--model", "polynet_small_ir"]) == 0
+    assert main([*argv, *cli_flags(RUN), "--model", "polynet_small_ir"]) == 0
     assert "holds polynet_small; training that architecture" in capsys.readouterr().err
 
 
@@ -247,3 +234,32 @@ def test_info_of_the_released_model_counts_without_computing():
     # Built on the meta device: no 95M parameters to allocate or initialise, no arithmetic
     # (was 23 s on a quiet machine; the bound is loose for a busy one).
     assert time.perf_counter() - started < 60
+
+
+def test_list_answers_without_importing_torch():
+    code = (
+        "import sys, polynet_launcher; sys.argv = ['polynet', 'list', 'polynet_small*']\n"
+        "polynet_launcher.main()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [
+        "polynet_small", "small", "PolyNet", "for", "28-64", "px", "(the", "quick", "start's",
+        "default)", "polynet_small_ir", "small", "Inception-ResNet", "baseline", "for", "28-64",
+        "px",
+    ]  # fmt: skip
+
+
+def test_the_registry_table_agrees_with_timm():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from polynet import registry
+
+    assert (registry.IMAGENET_MEAN, registry.IMAGENET_STD) == (
+        IMAGENET_DEFAULT_MEAN,
+        IMAGENET_DEFAULT_STD,
+    )
+    import timm
+
+    assert registry.list_names("polynet*") == timm.list_models("polynet*")

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import polynet
+from _shared import cli_flags
 from polynet.checkpoint import load_checkpoint
 from polynet.data import build_dataset, eval_transform
 from polynet.loading import load_model
@@ -36,26 +37,11 @@ RUN = dict(
 )
 
 
-def _flags(values):
-    argv = []
-    for key, value in values.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, tuple):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        else:
-            argv += [flag, str(value)]
-    return argv
-
-
 def test_two_process_gloo_run_has_the_global_batch_and_one_checkpoint(tmp_path):
     out = tmp_path / "ddp"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "polynet", "train", *_flags(dict(RUN, out=str(out))),
+        "-m", "polynet", "train", *cli_flags(dict(RUN, out=str(out))),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -85,7 +71,7 @@ def test_two_process_gloo_run_has_the_global_batch_and_one_checkpoint(tmp_path):
 def test_sync_bn_on_cpu_is_a_clear_error(tmp_path):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "polynet", "train", *_flags(dict(RUN, out=str(tmp_path / "x"), sync_bn=True)),
+        "-m", "polynet", "train", *cli_flags(dict(RUN, out=str(tmp_path / "x"), sync_bn=True)),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

@@ -8,7 +8,6 @@ and between the two renames that publish a checkpoint. The distributed case runs
 """
 
 import io
-import json
 import os
 import random
 import signal
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 import polynet
-from _shared import TINY
+from _shared import TINY, cli_flags
 from polynet.checkpoint import load_checkpoint
 from polynet.cli import main
 from polynet.training import loop
@@ -268,17 +267,7 @@ DDP_RUN = dict(RUN, train_subset=64, epochs=2, path_drop_epoch=None, path_drop=0
 def _torchrun(tmp_path, out, kill_step):
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    flags = []
-    for key, value in dict(DDP_RUN, out=str(out)).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, tuple):
-            flags += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            flags += [flag, json.dumps(value)]
-        elif value is not None:
-            flags += [flag, str(value)]
+    flags = cli_flags(dict(DDP_RUN, out=str(out)))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "--max-restarts", "1", "--monitor-interval", "0.1", str(script), "train", *flags,
