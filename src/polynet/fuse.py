@@ -424,8 +424,9 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
 class CastModel(nn.Module):
     """Run a model in another dtype: inputs cast at the entry, float32 outputs.
 
-    Attributes the wrapper does not have (``num_classes``, ``pretrained_cfg``,
-    ``forward_features``, ...) are the wrapped model's.
+    Attributes the wrapper does not have (``num_classes``, ``pretrained_cfg``, ...) are the
+    wrapped model's; only ``forward`` casts, so its other methods (``forward_features``) take
+    inputs in ``dtype``.
 
     Attributes:
         model: The wrapped model, its parameters in ``dtype``.

@@ -151,11 +151,21 @@ def quantize_int8(
         The int8 model.
 
     Raises:
-        UserError: Without calibration batches.
+        UserError: Without calibration batches, or without onnxruntime installed.
 
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    try:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as err:
+        raise UserError(
+            f"int8 needs ONNX Runtime ({err}); pip install 'polynet[export]' or use bf16/fp32"
+        ) from err
 
     from polynet.export import export_onnx
 
