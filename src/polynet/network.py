@@ -34,10 +34,12 @@ from polynet.blocks import (
 from polynet.errors import UserError
 from polynet.layers import LayerFactory, layer_name, resolve_layers
 from polynet.modules import PolyInception, Sharing
+from polynet.port_layout import port_key_map
 from polynet.regional import Stage
 from polynet.regional import compile_units as compile_units  # re-exported: its old home
 from polynet.regional import restored_buffers as restored_buffers
 from polynet.specs import NetworkSpec
+from polynet.weights import load_pretrained
 
 StemKind = Literal["imagenet", "small"]
 # The model's top-level parts in forward order (state-dict prefixes).
@@ -571,8 +573,6 @@ class PolyNet(nn.Module):
 
         timm's ``pretrained=True`` calls this for a file: the cfgs set ``custom_load``.
         """
-        from polynet.weights import load_pretrained  # weights builds on this module
-
         load_pretrained(self, checkpoint_path)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args) -> None:
@@ -617,8 +617,6 @@ def _rename_port_layout(model: PolyNet, state_dict: dict[str, Any], prefix: str)
     """
     if f"{prefix}{_PORT_ONLY_KEY}" not in state_dict:
         return
-    from polynet.weights import port_key_map  # weights builds on this module
-
     for ours, port in port_key_map(model).items():
         if prefix + port in state_dict:
             state_dict[prefix + ours] = state_dict.pop(prefix + port)

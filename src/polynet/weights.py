@@ -34,17 +34,34 @@ import torch
 from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
-from polynet.blocks import ImageNetStem, InceptionBlock, Mixed
 from polynet.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from polynet.checkpoint import CheckpointError, atomic_write, read_torch_file
-from polynet.modules import PolyInception
-from polynet.network import PolyNet
+from polynet.port_layout import (
+    PORT_MODEL,
+    from_port_layout,
+    is_port_layout,
+    port_key_map,
+    to_port_layout,
+)
+
+# The port's layout lives in polynet.port_layout; its names stay importable from here.
+__all__ = [
+    "PORT_MODEL",
+    "WEIGHTS_FORMAT",
+    "WeightsFile",
+    "fit_state_dict",
+    "from_port_layout",
+    "load_pretrained",
+    "port_key_map",
+    "preprocessing",
+    "read_weights",
+    "save_weights",
+    "to_port_layout",
+]
 
 _logger = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = "polynet-weights"
-PORT_MODEL = "polynet_very_deep"
-"""The model the released port's weights belong to (the default for files without metadata)."""
 
 # The evaluation preprocessing stored with converted weights (a subset of ``pretrained_cfg``).
 PREPROCESSING_KEYS = (
@@ -151,151 +168,6 @@ def _read_safetensors(path: Path) -> WeightsFile:
     return WeightsFile(path, state_dict, "safetensors", name, kwargs, cfg, names, config)
 
 
-# --- the released port's key layout ---------------------------------------------------------
-
-
-def _conv_norm(leaves: dict[str, str], ours: str, port: str) -> None:
-    """Map a ConvNormAct onto the port's BasicConv2d: the same ``conv`` / ``bn`` children."""
-    leaves[f"{ours}.conv"] = f"{port}.conv"
-    leaves[f"{ours}.bn"] = f"{port}.bn"
-
-
-def _mixed(leaves: dict[str, str], mixed: Mixed, ours: str, port_names: list[str]) -> None:
-    """Map concatenated branches onto the port's named modules.
-
-    A one-conv branch is the port's module itself, a longer branch an ``nn.Sequential`` indexed
-    by position. Pool branches carry no tensors.
-    """
-    for b, (branch, name) in enumerate(zip(mixed.branches, port_names, strict=True)):
-        if isinstance(branch, nn.MaxPool2d):
-            continue
-        for j in range(len(branch)):
-            port = name if len(branch) == 1 else f"{name}.{j}"
-            _conv_norm(leaves, f"{ours}.branches.{b}.{j}", port)
-
-
-def _kway_block(leaves: dict[str, str], block: InceptionBlock, ours: str, port: str) -> None:
-    """Map a plain block (one order) onto the port's BlockA/B/C: ``path{b}[.j]``, ``conv2d``."""
-    for b, convs in enumerate(block.convs):
-        for j in range(len(convs)):
-            name = f"{port}.path{b}" if len(convs) == 1 else f"{port}.path{b}.{j}"
-            leaves[f"{ours}.convs.{b}.{j}"] = f"{name}.conv"
-            leaves[f"{ours}.norms.0.{b}.{j}"] = f"{name}.bn"
-    _conv_norm(leaves, f"{ours}.proj.0", f"{port}.conv2d")
-
-
-def _poly_block(leaves: dict[str, str], block: InceptionBlock, ours: str, port: str) -> None:
-    """Map a released poly-k block onto the port's ``InceptionResNet{B,C}Poly``.
-
-    A shared conv is a ``PolyConv2d`` named ``path{b}`` (one-conv branch) or
-    ``path{b}_{kh}x{kw}`` after its kernel, holding one BatchNorm per order in ``bn_blocks``;
-    the up-projections are ``conv2d_blocks.{order}``.
-    """
-    for b, convs in enumerate(block.convs):
-        for j, conv in enumerate(convs):
-            kh, kw = conv.kernel_size
-            name = f"{port}.path{b}" if len(convs) == 1 else f"{port}.path{b}_{kh}x{kw}"
-            leaves[f"{ours}.convs.{b}.{j}"] = f"{name}.conv"
-            for order in range(block.num_orders):
-                leaves[f"{ours}.norms.{order}.{b}.{j}"] = f"{name}.bn_blocks.{order}"
-    for order in range(block.num_orders):
-        _conv_norm(leaves, f"{ours}.proj.{order}", f"{port}.conv2d_blocks.{order}")
-
-
-def _unit(leaves: dict[str, str], unit: PolyInception, name: str) -> None:
-    terms = unit.polynomial.terms
-    if all(len(term) == 1 for term in terms):  # k-way: I + F + G + ..., the port's MultiWay
-        for i, letter in enumerate(unit.polynomial.letters):
-            _kway_block(
-                leaves, unit.blocks[letter], f"{name}.blocks.{letter}", f"{name}.blocks.{i}"
-            )
-        return
-    letters = unit.polynomial.letters
-    is_poly = len(letters) == 1 and terms == tuple(
-        (letters[0],) * k for k in range(1, len(terms) + 1)
-    )
-    if is_poly and unit.sharing == "released":
-        _poly_block(leaves, unit.blocks[letters[0]], f"{name}.blocks.{letters[0]}", name)
-        return
-    raise ValueError(
-        f"unit {name} ({unit.expression}, sharing={unit.sharing!r}) has no counterpart in the "
-        "released port, which has only k-way units and poly-k units with released sharing"
-    )
-
-
-def port_key_map(model: nn.Module) -> dict[str, str]:
-    """Map every state-dict key of a PolyNet onto the released port's key.
-
-    The map is built from both module structures: the stem's and reductions' branches by
-    position and port name, 2-way units onto ``blocks.{i}``, released poly-3 units onto the
-    port's shared ``PolyConv2d`` layout. For ``polynet_very_deep`` it covers all 3,104 keys.
-
-    Args:
-        model: A PolyNet with the ImageNet stem whose units are k-way or released poly-k.
-
-    Returns:
-        Our key -> the port's key, in our state-dict order.
-
-    Raises:
-        ValueError: If the model has parts the port cannot express.
-
-    """
-    if not isinstance(model, PolyNet) or not isinstance(model.stem, ImageNetStem):
-        raise ValueError(
-            f"{type(model).__name__} has no released-port layout: only PolyNets with the "
-            f"ImageNet stem (such as {PORT_MODEL}) map onto it"
-        )
-    leaves: dict[str, str] = {}
-    for i in range(3):  # the port keeps the first three convs in one nn.Sequential
-        _conv_norm(leaves, f"stem.conv{i + 1}", f"stem.conv1.{i}")
-    stem = model.stem
-    _mixed(leaves, stem.mixed1, "stem.mixed1", ["stem.conv1_pool_branch", "stem.conv1_branch"])
-    _mixed(leaves, stem.mixed2, "stem.mixed2", ["stem.conv2_short", "stem.conv2_long"])
-    _mixed(leaves, stem.mixed3, "stem.mixed3", ["stem.conv2_pool_branch", "stem.conv2_branch"])
-    for name in ("reduction_a", "reduction_b"):
-        mixed = getattr(model, name)
-        _mixed(leaves, mixed, name, [f"{name}.path{b}" for b in range(len(mixed.branches))])
-    for stage in ("stage_a", "stage_b", "stage_c"):
-        for i, unit in enumerate(getattr(model, stage)):
-            _unit(leaves, unit, f"{stage}.{i}")
-    leaves["last_linear"] = "last_linear"
-
-    key_map = {}
-    for key in model.state_dict():
-        module, _, tensor = key.rpartition(".")
-        if module not in leaves:  # a module the rules above forgot: a bug, not a user error
-            raise AssertionError(f"no port name for {key}")
-        key_map[key] = f"{leaves[module]}.{tensor}"
-    return key_map
-
-
-def to_port_layout(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, Any]:
-    """Rename a state dict of ``model`` (our layout) to the released port's keys."""
-    key_map = port_key_map(model)
-    return {key_map[k]: v for k, v in state_dict.items()}
-
-
-def from_port_layout(
-    state_dict: Mapping[str, torch.Tensor], model: nn.Module
-) -> dict[str, torch.Tensor]:
-    """Rename a state dict in the port's layout to ``model``'s keys.
-
-    Keys the port layout does not have are kept under their own name, so that the strict
-    check that follows reports them as unexpected.
-    """
-    inverse = {port: ours for ours, port in port_key_map(model).items()}
-    return {inverse.get(k, k): v for k, v in state_dict.items()}
-
-
-def _is_port_layout(keys: set[str], model: nn.Module) -> bool:
-    try:
-        port_keys = set(port_key_map(model).values())
-    except ValueError:
-        return False
-    own_keys = set(model.state_dict())
-    return len(keys & port_keys) > len(keys & own_keys)
-
-
 # --- fitting a state dict to a model ---------------------------------------------------------
 
 
@@ -398,7 +270,7 @@ def fit_state_dict(
 
     """
     state = dict(weights.state_dict)
-    if _is_port_layout(set(state), model):
+    if is_port_layout(set(state), model):
         state = from_port_layout(state, model)
     expected = model.state_dict()
     _fill_bn_counters(state, expected)
