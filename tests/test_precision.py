@@ -177,6 +177,6 @@ def test_cli_precision_is_printed_and_reported(trained, tmp_path, capsys):
         image.save(path)
         images.append(str(path))
     assert main(["predict", *images, "--checkpoint", str(trained), "--precision", "bf16"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == "precision: bf16"
+    assert "polynet: precision bf16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict", images[0], "--checkpoint", str(trained), "--precision", "fp16"])

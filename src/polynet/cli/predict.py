@@ -7,6 +7,7 @@ the first images given (at least 16 of them where there are that many).
 from __future__ import annotations
 
 import argparse
+import sys
 
 from polynet.cli import add_precision_argument, summary
 from polynet.devices import resolve_precision
@@ -33,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     """Print each image's top-k labels with probabilities."""
     model, weights = load_model(args.checkpoint, args.model)
     precision = resolve_precision(args.precision, next(model.parameters()).device)
-    print(f"precision: {precision}" + (" (auto)" if args.precision == "auto" else ""))
+    # A status line, on stderr: stdout holds only the predictions, for scripts to read.
+    auto = " (auto)" if args.precision == "auto" else ""
+    print(f"polynet: precision {precision}{auto}", file=sys.stderr)
     results = predict(model, args.images, args.top_k, weights.class_names, precision=precision)
     for image, top in zip(args.images, results, strict=True):
         print(image)
