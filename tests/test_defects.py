@@ -263,3 +263,15 @@ def test_the_registry_table_agrees_with_timm():
     import timm
 
     assert registry.list_names("polynet*") == timm.list_models("polynet*")
+
+
+def test_a_run_length_on_the_command_line_replaces_the_presets_in_any_unit():
+    from polynet.training import build_config
+
+    # The paper's preset counts 560K steps; `--epochs 10` over it used to train 560K steps.
+    cfg = build_config("paper-imagenet", epochs=10)
+    assert (cfg.steps, cfg.epochs) == (None, 10)
+    quick = build_config(config_file=REPO / "configs" / "fashion-mnist.yaml")
+    assert quick.time_budget == 540 and quick.eval_flip
+    fixed = build_config(config_file=REPO / "configs" / "fashion-mnist.yaml", epochs=3)
+    assert (fixed.time_budget, fixed.epochs) == (None, 3)

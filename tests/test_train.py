@@ -490,3 +490,35 @@ def test_time_budget_plans_the_length_once_and_a_resume_keeps_it(tmp_path, capsy
     again = loop.train(dict(out=str(tmp_path / "run"), resume=True))
     assert "time budget" not in capsys.readouterr().err  # no second plan
     assert again.steps == result.steps
+
+
+@needs_fashion
+def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, monkeypatch):
+    run = dict(deterministic=True, checkpoint_every=2, epochs=2, ema_decay=0.9, val_subset=32)
+    whole = loop.train(fashion_run(tmp_path, "whole", **run))
+    saved = load_checkpoint(tmp_path / "whole" / "last.pt")
+    # The published weights are the average, not the last training weights.
+    assert any(
+        not torch.equal(saved["model"][k], saved["train_model"][k]) for k in saved["model"]
+    )
+    model, _ = polynet.load_model(tmp_path / "whole" / "last.pt")
+    assert model.config == polynet.create_model("polynet_small", **TINY).config
+    original = loop.Trainer._train_step
+    calls = {"n": 0}
+
+    def interrupted(self, images, labels):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return original(self, images, labels)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(fashion_run(tmp_path, "split", **run))
+    monkeypatch.setattr(loop.Trainer, "_train_step", original)
+    resumed = loop.train(dict(out=str(tmp_path / "split"), resume=True))
+    again = load_checkpoint(tmp_path / "split" / "last.pt")
+    for part in ("model", "train_model"):
+        for key, value in saved[part].items():
+            assert torch.equal(value, again[part][key]), (part, key)
+    assert resumed.final_top1 == whole.final_top1

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         split = "test" if "mnist" in cfg.data.lower() else "validation"
         print(
             f"top-1 {result.final_top1:.2f}% on {result.val_images:,} {split} images after "
-            f"{result.epochs:g} epochs ({result.steps:,} steps, {result.seconds / 60:.1f} min, "
+            f"{result.epochs:.3g} epochs ({result.steps:,} steps, {result.seconds / 60:.1f} min, "
             f"{result.images_per_second:.0f} images/s); weights: {result.out / 'last.pt'}"
         )
     else:

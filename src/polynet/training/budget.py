@@ -23,7 +23,9 @@ from polynet.training.config import TrainConfig
 
 # Slack kept free of the budget for checkpoint writes, the curve and the final report.
 RESERVE_SECONDS = 5.0
-_WARMUP_STEPS, _TIMED_STEPS = 2, 6
+_WARMUP_STEPS, _TIMED_STEPS = 5, 10  # the first steps pay for oneDNN set-up
+PROBE_STEPS = _WARMUP_STEPS + _TIMED_STEPS
+"""Training batches :func:`measure_speed` needs."""
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ class TrainConfig:
         rms_eps: RMSProp epsilon, inside the square root as in TensorFlow.
         weight_decay: L2 penalty (coupled, as in TensorFlow's slim).
         label_smoothing: Cross-entropy label smoothing.
+        ema_decay: Keep an exponential moving average of the weights (timm's ``ModelEmaV3``,
+            with warm-up) with this decay per step; evaluation and the saved ``model`` use it.
         crop_scale: Random-crop area range (the paper: 8-100 %).
         crop_ratio: Random-crop aspect-ratio range.
         hflip: Horizontal flip probability.
@@ -121,6 +123,7 @@ class TrainConfig:
     rms_eps: float = 1.0
     weight_decay: float = 4e-5
     label_smoothing: float = 0.0
+    ema_decay: float | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
@@ -359,6 +362,10 @@ def validate(cfg: TrainConfig) -> None:
     _range(cfg.rms_eps > 0, f"rms_eps must be positive, got {cfg.rms_eps}")
     _range(cfg.weight_decay >= 0, f"weight_decay must be at least 0, got {cfg.weight_decay}")
     _range(
+        cfg.ema_decay is None or 0 < cfg.ema_decay < 1,
+        f"ema_decay must be in (0, 1), got {cfg.ema_decay}",
+    )
+    _range(
         0 <= cfg.label_smoothing < 1,
         f"label_smoothing must be in [0, 1), got {cfg.label_smoothing}",
     )
@@ -429,11 +436,14 @@ def layer_values(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_keys(overrides, "the arguments")
     values = {**PRESETS.get(preset or "", {}), **file_values, **overrides}
-    # A run length given by a later layer wins over a time budget of an earlier one: the
-    # quick start's file budgets its time, and `--epochs 3` on top of it means 3 epochs.
+    # A run length given by a later layer replaces the one of an earlier layer, whatever its
+    # unit: `--epochs 10` over the paper's preset (560K steps) means 10 epochs, and over the
+    # quick start's file (a time budget) means 10 epochs too.
     for later in (file_values, overrides):
-        if ("epochs" in later or "steps" in later) and "time_budget" not in later:
-            values["time_budget"] = None
+        given = {"epochs", "steps", "time_budget"} & set(later)
+        if given:
+            for key in {"steps", "time_budget"} - given:
+                values[key] = None
     return values
 
 

@@ -28,13 +28,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
 from polynet.errors import UserError
 from polynet.network import compile_units, describe_classes
 from polynet.training.batches import TensorTrainBatches
-from polynet.training.budget import Eta, eval_images_per_epoch, measure_speed, plan_steps
+from polynet.training.budget import (
+    PROBE_STEPS,
+    Eta,
+    eval_images_per_epoch,
+    measure_speed,
+    plan_steps,
+)
 from polynet.training.config import TrainConfig, build_config
 from polynet.training.distributed import (
     DistInfo,
@@ -249,6 +256,10 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.model = model
+        self.ema = None
+        if cfg.ema_decay:
+            # timm's EMA with its warm-up: early averages do not drag the random init along.
+            self.ema = ModelEmaV3(self.raw_model, decay=cfg.ema_decay, use_warmup=True)
         self.batches: Any = training_batches(cfg, self.data, self.data_cfg, self.dist.rank)
         self.evaluator = Evaluator(
             self.device,
@@ -271,7 +282,7 @@ class Trainer:
         """Set ``epochs`` so that the run ends inside ``time_budget`` on this machine."""
         cfg = self.cfg
         order = train_batches(len(self.train_indices), cfg.batch_size, cfg.seed, 0, self.dist)
-        first = [self.train_indices[b] for b in order[:8]]
+        first = [self.train_indices[b] for b in order[:PROBE_STEPS]]
         if isinstance(self.batches, TensorTrainBatches):
             probe_batches = (self.batches(b, 0, i) for i, b in enumerate(first))
         else:
@@ -311,7 +322,10 @@ class Trainer:
             model_config=config.to_dict() if config is not None else {},
             # Models without a config (the ablation's ResNets) are rebuilt from these.
             model_kwargs={} if config is not None else self.model_kwargs,
-            model=self.raw_model.state_dict(),
+            # The weights that were evaluated (the average, with EMA) are what a loader gets;
+            # the training weights travel separately for resuming.
+            model=self._evaluated_model().state_dict(),
+            train_model=self.raw_model.state_dict() if self.ema is not None else None,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict(),
@@ -339,7 +353,9 @@ class Trainer:
         if payload is None:
             self.log(f"no checkpoint to resume in {self.out}; starting from the beginning")
             return
-        self.raw_model.load_state_dict(payload["model"])
+        self.raw_model.load_state_dict(payload.get("train_model") or payload["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.scaler.load_state_dict(payload["scaler"])
@@ -361,7 +377,7 @@ class Trainer:
         if self.cfg.bn_recalibrate:
             self.recalibrate_batchnorm(self.cfg.bn_recalibrate)
         # Without the DDP wrapper: processes may run different numbers of evaluation batches.
-        model = self.raw_model if self.dist.enabled else self.model
+        model = self._evaluated_model() if self.dist.enabled or self.ema else self.model
         n = len(self.val_set) if limit is None else min(limit, len(self.val_set))
         workers = self.cfg.workers if not hasattr(self.val_set, "images") else 0
         loss, top1, count, unflipped = self.evaluator.validate(
@@ -384,7 +400,13 @@ class Trainer:
             len(self.train_indices), generator=torch.Generator().manual_seed(self.cfg.seed)
         )
         indices = self.train_indices[order[:num_images]].tolist()
-        self.evaluator.recalibrate_batchnorm(self.raw_model, self.train_set, indices, self.data_cfg)
+        self.evaluator.recalibrate_batchnorm(
+            self._evaluated_model(), self.train_set, indices, self.data_cfg
+        )
+
+    def _evaluated_model(self) -> nn.Module:
+        """The weights a run evaluates and publishes: the moving average with EMA."""
+        return self.ema.module if self.ema is not None else self.raw_model
 
     def _autocast(self) -> torch.autocast:
         enabled = self.cfg.amp != "none"  # bf16 on a CPU too; fp16 there is refused at setup
@@ -417,6 +439,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.raw_model, step=self.state.global_step + 1)
         correct = (logits.detach().argmax(1) == labels).sum().item()
         return loss_value, correct
 
