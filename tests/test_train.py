@@ -498,9 +498,7 @@ def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, monkeypat
     whole = loop.train(fashion_run(tmp_path, "whole", **run))
     saved = load_checkpoint(tmp_path / "whole" / "last.pt")
     # The published weights are the average, not the last training weights.
-    assert any(
-        not torch.equal(saved["model"][k], saved["train_model"][k]) for k in saved["model"]
-    )
+    assert any(not torch.equal(saved["model"][k], saved["train_model"][k]) for k in saved["model"])
     model, _ = polynet.load_model(tmp_path / "whole" / "last.pt")
     assert model.config == polynet.create_model("polynet_small", **TINY).config
     original = loop.Trainer._train_step
