@@ -461,12 +461,19 @@ def test_in_memory_evaluation_batches_equal_the_per_image_transform(monkeypatch)
 
 
 def test_planned_steps_fit_training_and_evaluations_into_the_budget():
-    from polynet.training.budget import RESERVE_SECONDS, Eta, Speed, planned_steps
+    from polynet.training.budget import (
+        EPOCH_END_SECONDS,
+        RESERVE_SECONDS,
+        Eta,
+        Speed,
+        planned_steps,
+    )
 
     speed = Speed(step_seconds=0.1, eval_image_seconds=0.001)
-    # 100 s: 10 epochs of 10 steps (1 s) plus 1,000 evaluated images (1 s) per epoch = 2 s.
-    steps = planned_steps(speed, 100 + RESERVE_SECONDS, 10, 1000, 0)
-    assert steps == 500  # 50 epochs x 2 s = 100 s
+    # An epoch: 10 steps (1 s), 1,000 evaluated images (1 s) and its end (checkpoint, metrics).
+    epoch = 2 + EPOCH_END_SECONDS
+    steps = planned_steps(speed, 50 * epoch + RESERVE_SECONDS, 10, 1000, 0)
+    assert steps == 500
     assert planned_steps(speed, 1.0, 10, 0, 0) == 1  # never nothing
     eta = Eta(eval_images_per_epoch=1000, batch_size=10)
     for _ in range(4):

@@ -21,8 +21,10 @@ from torch import nn
 
 from polynet.training.config import TrainConfig
 
-# Slack kept free of the budget for checkpoint writes, the curve and the final report.
+# Slack kept free of the budget for the final checkpoint, the curve and the report, and the
+# cost of every epoch's end (a checkpoint and the metrics files) besides its evaluation.
 RESERVE_SECONDS = 5.0
+EPOCH_END_SECONDS = 0.5
 _WARMUP_STEPS, _TIMED_STEPS = 5, 10  # the first steps pay for oneDNN set-up
 PROBE_STEPS = _WARMUP_STEPS + _TIMED_STEPS
 """Training batches :func:`measure_speed` needs."""
@@ -117,9 +119,8 @@ def planned_steps(
         final_eval_images: Images of the final evaluation if it is not an epoch's.
 
     """
-    per_step = speed.step_seconds + eval_images_per_epoch * speed.eval_image_seconds / max(
-        1, steps_per_epoch
-    )
+    per_epoch = eval_images_per_epoch * speed.eval_image_seconds + EPOCH_END_SECONDS
+    per_step = speed.step_seconds + per_epoch / max(1, steps_per_epoch)
     usable = seconds - RESERVE_SECONDS - final_eval_images * speed.eval_image_seconds
     return max(1, math.floor(usable / per_step))
 
