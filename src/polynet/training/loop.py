@@ -301,9 +301,10 @@ class Trainer:
         steps = int(all_sum(self.dist, float(steps) if self.dist.is_main else 0.0)[0])
         self.cfg = dataclasses.replace(cfg, epochs=steps / self.steps_per_epoch)
         self.log(
-            f"time budget {cfg.time_budget:g} s: {cfg.batch_size / speed.step_seconds:.0f} "
-            f"training images/s and {1 / speed.eval_image_seconds:.0f} evaluated images/s "
-            f"measured here; planned {self.cfg.epochs:.2f} epochs ({steps:,} steps)"
+            f"time budget {cfg.time_budget:g} s: planned at "
+            f"{cfg.batch_size / speed.step_seconds:.0f} training and "
+            f"{1 / speed.eval_image_seconds:.0f} evaluated images/s (measured here, less a "
+            f"margin): {self.cfg.epochs:.2f} epochs ({steps:,} steps)"
         )
 
     # ----------------------------------------------------------------------------------------
