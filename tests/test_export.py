@@ -19,15 +19,6 @@ def small_model():
     return model.eval()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on shared busy cores, several threads spin and run ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _batch_dim(path) -> str:
     graph = onnx.load(str(path), load_external_data=False).graph
     return graph.input[0].type.tensor_type.shape.dim[0].dim_param

@@ -39,15 +39,6 @@ KNOWN_POOL_SIZES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on shared busy cores, several threads spin and run ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _build(name, **kwargs):
     torch.manual_seed(0)
     return timm.create_model(name, **{**({} if name in SMALL_STEM else NARROW), **kwargs})

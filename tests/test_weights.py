@@ -36,15 +36,6 @@ def _meta(name="polynet_very_deep", **kwargs):
         return polynet.create_model(name, **kwargs)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on shared busy cores, several threads spin and run ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     """A polynet_small training checkpoint with non-trivial BatchNorm statistics."""
