@@ -465,17 +465,31 @@ def test_planned_steps_fit_training_and_evaluations_into_the_budget():
         EPOCH_END_SECONDS,
         RESERVE_SECONDS,
         Eta,
+        EvalWork,
         Speed,
+        epoch_work,
+        evaluation_work,
         planned_steps,
     )
 
-    speed = Speed(step_seconds=0.1, eval_image_seconds=0.001)
-    # An epoch: 10 steps (1 s), 1,000 evaluated images (1 s) and its end (checkpoint, metrics).
+    speed = Speed(step_seconds=0.1, eval_image_seconds=0.001, recalibration_image_seconds=0.002)
+    # An epoch: 10 steps (1 s), 600 validation views (0.6 s), 200 recalibration images (0.4 s)
+    # and its end (checkpoint, metrics).
     epoch = 2 + EPOCH_END_SECONDS
-    steps = planned_steps(speed, 50 * epoch + RESERVE_SECONDS, 10, 1000, 0)
+    steps = planned_steps(
+        speed, 50 * epoch + RESERVE_SECONDS, 10, EvalWork(600, 200), EvalWork(0, 0)
+    )
     assert steps == 500
-    assert planned_steps(speed, 1.0, 10, 0, 0) == 1  # never nothing
-    eta = Eta(eval_images_per_epoch=1000, batch_size=10)
+    final = EvalWork(1000, 0)  # a final evaluation outside the epochs costs 1 s
+    left = 50 * 1.5 + 1 + RESERVE_SECONDS + 1e-9  # (a hair more: 75 / 0.15 rounds down)
+    assert planned_steps(speed, left, 10, EvalWork(0, 0), final) == 500
+    assert planned_steps(speed, 1.0, 10, EvalWork(0, 0), EvalWork(0, 0)) == 1  # never nothing
+    # Test-time flips double the validation views; evaluating every 2 epochs halves the average.
+    cfg = build_config(eval_flip=True, eval_every=2, bn_recalibrate=300, val_subset=None)
+    assert evaluation_work(cfg, range(500), 1000) == EvalWork(1000, 300)
+    assert epoch_work(cfg, range(500), 1000) == EvalWork(500, 150)
+    assert epoch_work(build_config(eval_every=0), range(500), 1000) == EvalWork(0, 0)
+    eta = Eta(EvalWork(600, 400), batch_size=10)
     for _ in range(4):
         eta.step(0.1)
     # Before any evaluation: a forward pass costs a third of a training step per image.
@@ -488,9 +502,12 @@ def test_planned_steps_fit_training_and_evaluations_into_the_budget():
 @needs_fashion
 def test_time_budget_plans_the_length_once_and_a_resume_keeps_it(tmp_path, capsys):
     values = dict(QUICK, data="fashion-mnist", out=str(tmp_path / "run"), val_subset=32)
-    result = loop.train(dict(values, time_budget=20.0, train_subset=96, batch_size=16))
+    # Three batches an epoch, fewer than the probe's 15 steps: the probe sees them again.
+    result = loop.train(dict(values, time_budget=20.0, train_subset=48, batch_size=16))
     err = capsys.readouterr().err
     assert "time budget 20 s:" in err and "planned" in err
+    # The run's first line comes before the plan, and says the precision chosen.
+    assert err.index("training polynet_small") < err.index("time budget 20 s:")
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["time_budget"] == 20.0 and saved["epochs"] == pytest.approx(result.epochs)
     assert result.seconds < 20

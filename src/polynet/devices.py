@@ -95,3 +95,28 @@ def resolve_precision(precision: str, device: str | torch.device | None = "cpu")
     if precision == "int8" and resolve_device(device).type != "cpu":
         raise UserError("int8 runs on the CPU (ONNX Runtime); use --device cpu or --precision bf16")
     return precision
+
+
+def training_amp(amp: str, device: str | torch.device | None = "auto") -> str:
+    """The autocast a training run uses: ``"auto"`` is bf16 where :func:`native_bf16` holds.
+
+    Args:
+        amp: ``"auto"``, ``"none"``, ``"bf16"`` or ``"fp16"``.
+        device: The run's device (or its name).
+
+    Returns:
+        ``"none"``, ``"bf16"`` or ``"fp16"``.
+
+    Raises:
+        UserError: For fp16 off CUDA (float16 autocast is slow and unscaled on a CPU).
+
+    """
+    device = resolve_device(device)
+    if amp == "auto":
+        return "bf16" if native_bf16(device) else "none"
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError(
+            "--amp fp16 needs CUDA (float16 autocast is slow and unscaled on a CPU); use "
+            "--amp bf16 or --amp none on the CPU"
+        )
+    return amp

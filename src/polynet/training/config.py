@@ -90,7 +90,10 @@ class TrainConfig:
         deterministic: Deterministic algorithms (bitwise reproducible resume on CPU).
         threads: CPU threads for torch (0: one per idle core, from the load average).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
-        amp: Mixed precision on CUDA: ``"none"``, ``"bf16"`` or ``"fp16"``.
+        amp: Autocast precision of the forward pass: ``"auto"`` (bf16 where the device computes
+            it natively: CUDA, or a CPU with AVX512-BF16 or AMX; else none), ``"none"`` (fp32),
+            ``"bf16"`` or ``"fp16"`` (CUDA only). Weights and optimizer state stay fp32. A run
+            records what ``"auto"`` chose, so a resumed run keeps it.
         channels_last: Channels-last memory format (None: on CUDA only).
         compile: Compile each unit with ``torch.compile`` (:func:`polynet.network.compile_units`).
         sync_bn: SyncBatchNorm across processes (the paper normalises per GPU).
@@ -143,7 +146,7 @@ class TrainConfig:
     deterministic: bool = False
     threads: int = _how(0)
     device: str = "auto"
-    amp: str = "none"
+    amp: str = "auto"
     channels_last: bool | None = None
     compile: bool = False
     sync_bn: bool = False
@@ -232,7 +235,7 @@ _CHOICES = {
     "optimizer": ("rmsproptf", "sgd", "adamw"),
     "lr_schedule": ("step", "cosine"),
     "device": ("auto", "cpu", "cuda"),
-    "amp": ("none", "bf16", "fp16"),
+    "amp": ("auto", "none", "bf16", "fp16"),
 }
 
 
@@ -242,8 +245,16 @@ def defines_run(name: str) -> bool:
 
 
 def run_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings that define what ``cfg`` computes, as plain values."""
-    return {k: v for k, v in cfg.to_dict().items() if defines_run(k)}
+    """The settings that define what ``cfg`` computes, as plain values.
+
+    ``amp="auto"`` counts as what it chooses on this machine: a bf16 run and an fp32 run are
+    different runs.
+    """
+    from polynet.devices import training_amp  # imports torch: only when asked for
+
+    identity = {k: v for k, v in cfg.to_dict().items() if defines_run(k)}
+    identity["amp"] = training_amp(cfg.amp, cfg.device)
+    return identity
 
 
 def _field_types() -> dict[str, Any]:

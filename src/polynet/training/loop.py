@@ -32,13 +32,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
+from polynet.devices import training_amp
 from polynet.errors import UserError
 from polynet.network import compile_units, describe_classes
 from polynet.training.batches import TensorTrainBatches
 from polynet.training.budget import (
     PROBE_STEPS,
     Eta,
-    eval_images_per_epoch,
+    evaluation_work,
     measure_speed,
     plan_steps,
 )
@@ -168,8 +169,12 @@ class Trainer:
         self.cfg = cfg
         self.start_time = time.time()
         self.unflipped_top1: float | None = None  # with eval_flip: the last top-1 without
+        self.plan_note = ""  # the time budget's plan, logged after the run's first line
         set_threads(cfg)
         self.device = train_device(cfg)
+        # "auto" becomes what it chose, so config.yaml records it and a resume keeps it.
+        self.amp_chosen_by = "auto: " if cfg.amp == "auto" else ""
+        cfg = self.cfg = dataclasses.replace(cfg, amp=training_amp(cfg.amp, self.device))
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -268,6 +273,7 @@ class Trainer:
             max(1, cfg.batch_size // self.dist.world_size),
             self.dist,
             self.log,
+            precision={"none": "fp32", "bf16": "bf16"}.get(cfg.amp, cfg.amp),
         )
 
     def close(self) -> None:
@@ -275,14 +281,12 @@ class Trainer:
         self.log.close()
         shutdown_distributed()
 
-    def _eval_images_per_epoch(self) -> int:
-        return eval_images_per_epoch(self.cfg, self.val_set, len(self.train_indices))
-
     def _plan_length(self) -> None:
         """Set ``epochs`` so that the run ends inside ``time_budget`` on this machine."""
         cfg = self.cfg
         order = train_batches(len(self.train_indices), cfg.batch_size, cfg.seed, 0, self.dist)
-        first = [self.train_indices[b] for b in order[:PROBE_STEPS]]
+        # A small training set has fewer batches than the probe times: it sees them again.
+        first = [self.train_indices[order[i % len(order)]] for i in range(PROBE_STEPS)]
         if isinstance(self.batches, TensorTrainBatches):
             probe_batches = (self.batches(b, 0, i) for i, b in enumerate(first))
         else:
@@ -294,17 +298,20 @@ class Trainer:
             self._autocast,
             self.device,
             self.memory_format,
+            self.evaluator.runner,
+            self.evaluator.eval_batch_size,
         )
         left = cfg.time_budget - (time.time() - self.start_time)
         steps = plan_steps(cfg, speed, left, self.steps_per_epoch, self.val_set, self.train_indices)
         # Every process runs the main process's plan.
         steps = int(all_sum(self.dist, float(steps) if self.dist.is_main else 0.0)[0])
         self.cfg = dataclasses.replace(cfg, epochs=steps / self.steps_per_epoch)
-        self.log(
+        self.plan_note = (
             f"time budget {cfg.time_budget:g} s: planned at "
-            f"{cfg.batch_size / speed.step_seconds:.0f} training and "
-            f"{1 / speed.eval_image_seconds:.0f} evaluated images/s (measured here, less a "
-            f"margin): {self.cfg.epochs:.2f} epochs ({steps:,} steps)"
+            f"{cfg.batch_size / speed.step_seconds:.0f} training, "
+            f"{1 / speed.eval_image_seconds:.0f} validation and "
+            f"{1 / speed.recalibration_image_seconds:.0f} recalibration images/s (measured "
+            f"here, less a margin): {self.cfg.epochs:.2f} epochs ({steps:,} steps)"
         )
 
     # ----------------------------------------------------------------------------------------
@@ -464,16 +471,20 @@ class Trainer:
         cfg, state = self.cfg, self.state
         num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         session_images, session_start = 0, time.time()
-        self.eta = Eta(self._eval_images_per_epoch(), cfg.batch_size)
+        self.eta = Eta(evaluation_work(cfg, self.val_set, len(self.train_indices)), cfg.batch_size)
         if state.global_step == 0:
             params = sum(p.numel() for p in self.raw_model.parameters())
+            precision = "bf16 autocast" if cfg.amp == "bf16" else "fp16 autocast"
+            precision = "fp32" if cfg.amp == "none" else precision
             self.log(
                 f"training {self.model_name} ({params:,} parameters) on {cfg.data}: "
-                f"{len(self.train_indices):,} images, "
-                f"{self.total_steps:,} steps of {cfg.batch_size} ({num_epochs} epochs), lr "
+                f"{len(self.train_indices):,} images, {self.total_steps:,} steps of "
+                f"{cfg.batch_size} ({self.total_steps / self.steps_per_epoch:.3g} epochs), lr "
                 f"{cfg.learning_rate:g}, {self.dist.world_size} process(es) on {self.device} "
-                f"({torch.get_num_threads()} threads)"
+                f"({torch.get_num_threads()} threads, {self.amp_chosen_by}{precision})"
             )
+            if self.plan_note:
+                self.log(self.plan_note)
         while state.global_step < self.total_steps:
             epoch = state.epoch
             if (
