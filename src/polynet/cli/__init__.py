@@ -60,10 +60,10 @@ def add_precision_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
     parser.add_argument(
         "--precision",
         choices=PRECISION_CHOICES,
-        default="fp32",
-        help="what the model computes in (default fp32): bf16 weights and activations; int8 "
-        "static quantization (CPU, ONNX Runtime, calibrated on real images); auto: bf16 where "
-        "the device has native bf16 (AVX512-BF16/AMX, bf16 GPUs), else fp32",
+        default="auto",
+        help="what the model computes in: auto (default) is bf16 where the device has native "
+        "bf16 (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; bf16 weights and activations; int8 "
+        "static quantization (CPU, ONNX Runtime, calibrated on real images)",
     )
 
 

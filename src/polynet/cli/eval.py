@@ -88,7 +88,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--workers", type=int, default=2, help="data-loading processes")
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
-    run.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     add_precision_argument(run)
     run.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -175,6 +174,10 @@ def run_eval(args: argparse.Namespace) -> int:
 def _evaluate_and_report(
     args: argparse.Namespace, protocol: MultiCrop | SingleCrop, device: str | None
 ) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        chosen = resolve_precision(args.precision, resolve_device(device))
+        auto = " (auto)" if args.precision == "auto" else ""
+        print(f"polynet: precision {chosen}{auto}", file=sys.stderr)
     report, result = evaluate_weights(
         args.checkpoint,
         args.data,
@@ -185,7 +188,6 @@ def _evaluate_and_report(
         device=device,
         num_workers=args.workers,
         limit=args.limit,
-        amp=args.amp,
         progress=not args.no_progress,
         fuse=not args.no_fuse,
         precision=args.precision,

@@ -44,7 +44,7 @@ def evaluate_weights(
             :class:`~polynet.evaluation.MultiCrop`.
         model_name: The registered model to build; by default the one the file names.
         **eval_kwargs: Passed to :func:`~polynet.evaluation.evaluate` (``batch_size``,
-            ``device``, ``num_workers``, ``limit``, ``amp``, ``progress``, ``fuse``,
+            ``device``, ``num_workers``, ``limit``, ``progress``, ``fuse``,
             ``precision``). With ``precision="int8"`` the activation ranges are calibrated on
             256 evenly spaced images of the data set's ``train`` split (of the evaluated split
             where the data set has no training split, with a warning); ``"auto"`` is

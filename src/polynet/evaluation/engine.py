@@ -317,7 +317,6 @@ def evaluate(
     device: torch.device | str | None = None,
     num_workers: int = 0,
     limit: int | None = None,
-    amp: bool = False,
     progress: bool = True,
     fuse: bool = True,
     precision: str = "fp32",
@@ -340,7 +339,6 @@ def evaluate(
         device: Where the model runs; defaults to CUDA when available.
         num_workers: Data-loader worker processes for reading and resizing.
         limit: Evaluate only the first ``limit`` images of the data set.
-        amp: Run the model under bfloat16 autocast.
         progress: Show a progress bar (on rank 0 only).
         fuse: Evaluate an inference-optimised copy of a PolyNet
             (:func:`polynet.fuse.optimize_for_inference`: norms folded, parallel convolutions
@@ -404,7 +402,7 @@ def evaluate(
         dynamic_ncols=True,
     )
     start = time.perf_counter()
-    with bar, torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with bar:
         if multi:
             _run_multi_crop(
                 loader, forward, metrics, unreadable, bar, protocol, description, device, batch_size

@@ -37,12 +37,37 @@ class Speed:
 
     Attributes:
         step_seconds: One training step (forward, backward, optimizer) of one batch.
-        eval_image_seconds: One image through the model in evaluation mode.
+        eval_image_seconds: One image (one view: a flip counts again) through validation's
+            model, the inference-optimised copy at validation's batch size.
+        recalibration_image_seconds: One image through the training-mode model without
+            gradients (BatchNorm recalibration).
 
     """
 
     step_seconds: float
     eval_image_seconds: float
+    recalibration_image_seconds: float
+
+
+@dataclass(frozen=True)
+class EvalWork:
+    """What one evaluation of a run passes through the model.
+
+    Attributes:
+        views: Validation forwards: images, twice with test-time flips.
+        recalibration: Training images of the BatchNorm recalibration.
+
+    """
+
+    views: int
+    recalibration: int
+
+    def seconds(self, speed: Speed) -> float:
+        """How long the evaluation takes at ``speed``."""
+        return (
+            self.views * speed.eval_image_seconds
+            + self.recalibration * speed.recalibration_image_seconds
+        )
 
 
 def measure_speed(
@@ -52,16 +77,22 @@ def measure_speed(
     autocast: Callable[[], torch.autocast],
     device: torch.device,
     memory_format: torch.memory_format,
+    validation: Callable[[nn.Module], tuple[Callable, Callable]],
+    eval_batch_size: int,
 ) -> Speed:
-    """Time training steps and evaluation forwards on a copy of ``model``.
+    """Time training steps, recalibration and validation forwards on a copy of ``model``.
 
     Args:
         model: The run's model (left untouched: a deep copy is trained).
         make_optimizer: Builds the run's optimizer for a model.
-        batches: At least ``_WARMUP_STEPS + _TIMED_STEPS`` training batches.
+        batches: At least ``_WARMUP_STEPS + 1`` training batches (``PROBE_STEPS`` to time
+            all the steps the probe times).
         autocast: The run's autocast context.
         device: Where the model runs.
         memory_format: The run's memory format.
+        validation: Maps a model in eval mode to what validation runs and its context
+            (:meth:`~polynet.training.evaluation.Evaluator.runner`).
+        eval_batch_size: Images per validation forward.
 
     """
     probe = copy.deepcopy(model).train()
@@ -84,21 +115,34 @@ def measure_speed(
             if i >= _WARMUP_STEPS:
                 times.append(now - start)
             start = now
-        probe.eval()
-        eval_times = []
-        with torch.no_grad(), autocast():
-            for i in range(3):
-                _sync(device)
-                start = time.perf_counter()
-                probe(images)
-                _sync(device)
-                if i:
-                    eval_times.append(time.perf_counter() - start)
+        if not times:
+            raise ValueError(f"measure_speed needs more than {_WARMUP_STEPS} training batches")
+        with torch.no_grad():
+            with autocast():
+                recalibration = _best_time(lambda: probe(images), device) / len(images)
+            runner, context = validation(probe.eval())
+            views = images.repeat(math.ceil(eval_batch_size / len(images)), 1, 1, 1)
+            views = views[:eval_batch_size].contiguous(memory_format=memory_format)
+            with context():
+                view = _best_time(lambda: runner(views), device) / len(views)
     # The median is robust to one interrupted step; the margin covers the sustained pace of a
     # whole run, which on this 2-core machine was up to 14 % below 15 probe steps' (and up to
     # 12 % above it): a budget is a limit, so the plan errs on the short side.
     step = sorted(times)[len(times) // 2] * PACE_MARGIN
-    return Speed(step, min(eval_times) * PACE_MARGIN / len(images))
+    return Speed(step, view * PACE_MARGIN, recalibration * PACE_MARGIN)
+
+
+def _best_time(work: Callable[[], object], device: torch.device) -> float:
+    """The fastest of two timed calls of ``work`` after an untimed one."""
+    best = math.inf
+    for i in range(3):
+        _sync(device)
+        start = time.perf_counter()
+        work()
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _sync(device: torch.device) -> None:
@@ -110,8 +154,8 @@ def planned_steps(
     speed: Speed,
     seconds: float,
     steps_per_epoch: int,
-    eval_images_per_epoch: int,
-    final_eval_images: int,
+    per_epoch: EvalWork,
+    final: EvalWork,
 ) -> int:
     """The most optimizer steps whose training and evaluations fit in ``seconds``.
 
@@ -119,23 +163,31 @@ def planned_steps(
         speed: What :func:`measure_speed` measured.
         seconds: Time left for the run.
         steps_per_epoch: Steps of one epoch.
-        eval_images_per_epoch: Images evaluated after every epoch (validation and BatchNorm
-            recalibration), 0 without per-epoch evaluation.
-        final_eval_images: Images of the final evaluation if it is not an epoch's.
+        per_epoch: Evaluation work per epoch, on average (none without per-epoch evaluation).
+        final: The final evaluation's work if it is not an epoch's.
 
     """
-    per_epoch = eval_images_per_epoch * speed.eval_image_seconds + EPOCH_END_SECONDS
-    per_step = speed.step_seconds + per_epoch / max(1, steps_per_epoch)
-    usable = seconds - RESERVE_SECONDS - final_eval_images * speed.eval_image_seconds
+    epoch_end = per_epoch.seconds(speed) + EPOCH_END_SECONDS
+    per_step = speed.step_seconds + epoch_end / max(1, steps_per_epoch)
+    usable = seconds - RESERVE_SECONDS - final.seconds(speed)
     return max(1, math.floor(usable / per_step))
 
 
-def eval_images_per_epoch(cfg: TrainConfig, val_set: Sized | None, train_images: int) -> int:
-    """Images a run evaluates per epoch on average (validation plus BatchNorm recalibration)."""
-    if val_set is None or not cfg.eval_every:
-        return 0
+def evaluation_work(cfg: TrainConfig, val_set: Sized | None, train_images: int) -> EvalWork:
+    """What one of the run's evaluations passes through the model."""
+    if val_set is None:
+        return EvalWork(0, 0)
     val = min(cfg.val_subset or len(val_set), len(val_set))
-    return math.ceil((val + min(cfg.bn_recalibrate, train_images)) / cfg.eval_every)
+    return EvalWork(val * (2 if cfg.eval_flip else 1), min(cfg.bn_recalibrate, train_images))
+
+
+def epoch_work(cfg: TrainConfig, val_set: Sized | None, train_images: int) -> EvalWork:
+    """Evaluation work per epoch, on average over ``eval_every`` epochs."""
+    if not cfg.eval_every:
+        return EvalWork(0, 0)
+    one = evaluation_work(cfg, val_set, train_images)
+    every = cfg.eval_every
+    return EvalWork(math.ceil(one.views / every), math.ceil(one.recalibration / every))
 
 
 def plan_steps(
@@ -147,10 +199,10 @@ def plan_steps(
     train_indices: Sized,
 ) -> int:
     """The run length in steps that fits ``seconds`` with ``cfg``'s evaluations."""
-    final = 0
-    if cfg.final_eval and val_set is not None and not cfg.eval_every:
-        final = min(cfg.val_subset or len(val_set), len(val_set))
-    per_epoch = eval_images_per_epoch(cfg, val_set, len(train_indices))
+    final = EvalWork(0, 0)
+    if cfg.final_eval and not cfg.eval_every:
+        final = evaluation_work(cfg, val_set, len(train_indices))
+    per_epoch = epoch_work(cfg, val_set, len(train_indices))
     return planned_steps(speed, seconds, steps_per_epoch, per_epoch, final)
 
 
@@ -163,8 +215,8 @@ class Eta:
     the first steps of the first epoch.
     """
 
-    def __init__(self, eval_images_per_epoch: int, batch_size: int) -> None:
-        self.eval_images = eval_images_per_epoch
+    def __init__(self, evaluation: EvalWork, batch_size: int) -> None:
+        self.eval_images = evaluation.views + evaluation.recalibration
         self.batch_size = batch_size
         self.step_seconds = 0.0
         self.steps = 0
