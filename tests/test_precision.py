@@ -112,6 +112,21 @@ def test_native_bf16_follows_the_cpu_flags(monkeypatch):
     assert resolve_precision("auto", "cpu") == "fp32"
 
 
+def test_training_autocast_auto_follows_the_hardware_and_is_part_of_the_identity(monkeypatch):
+    import polynet.devices as devices
+    from polynet.training import build_config, run_identity
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    for flags, chosen in (({"avx512_bf16"}, "bf16"), ({"amx_bf16"}, "bf16"), (set(), "none")):
+        monkeypatch.setattr(devices, "_cpu_flags", lambda flags=flags: flags)
+        assert devices.training_amp("auto", "cpu") == chosen
+        # A cache keyed by the identity never mixes an fp32 run with a bf16 one.
+        assert run_identity(build_config(amp="auto", device="cpu"))["amp"] == chosen
+    assert devices.training_amp("bf16", "cpu") == "bf16"  # asked for: emulated where not native
+    with pytest.raises(UserError, match="--amp fp16 needs CUDA"):
+        devices.training_amp("fp16", "cpu")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A small PolyNet trained for 64 steps on Fashion-MNIST: its checkpoint file."""

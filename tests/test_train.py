@@ -192,10 +192,13 @@ def test_loss_decreases_on_a_fashion_mnist_subset_and_writes_logs(tmp_path):
 
 
 @needs_fashion
-def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, amp):
     # Stochastic paths switch on in epoch 2, so the restored RNG state matters too.
     # BatchNorm recalibration before each evaluation must not disturb the RNG streams either.
+    # Under bf16 autocast too (on a CPU with or without native bf16).
     run = dict(
+        amp=amp,
         deterministic=True,
         checkpoint_every=2,
         path_drop_epoch=1,
@@ -225,6 +228,11 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeyp
     resumed = load_checkpoint(tmp_path / "split" / "last.pt")
 
     assert resumed["train_state"]["global_step"] == full["train_state"]["global_step"] == 18
+    assert yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["amp"] == amp
+    # Autocast keeps fp32 master weights and optimizer state.
+    assert all(v.dtype in (torch.float32, torch.int64) for v in full["model"].values())
+    moments = [t for s in full["optimizer"]["state"].values() for t in s.values()]
+    assert all(t.dtype == torch.float32 for t in moments if t.is_floating_point())
     for key, value in full["model"].items():
         assert torch.equal(value, resumed["model"][key]), key
     full_state, resumed_state = full["optimizer"]["state"], resumed["optimizer"]["state"]
