@@ -5,20 +5,20 @@ Layout of a study folder ``OUT``::
     OUT/study.json                 the study, recipe and data (what the results mean)
     OUT/timing.json                time per training iteration of every config (one pass)
     OUT/results/<config>_s<seed>.json   one finished config and seed (the cache)
-    OUT/runs/<config>_s<seed>/     the training run (checkpoints, metrics; resumable)
     OUT/results.csv, results.json, report.md, fig*.png   tables, plots and report
+    RUNS/<config>_s<seed>/         the training run (checkpoints, metrics; resumable)
 
-A result file is written atomically once a config is trained and evaluated, so a killed study
-resumes at the first config without one (and inside that config from its last checkpoint); a
-config whose result exists is not trained again unless ``rerun``.
+``RUNS`` is ``OUT/runs`` unless given, so that ``OUT`` can be a folder committed to git (small
+JSON, Markdown and PNG files) while checkpoints stay elsewhere. A result file is written
+atomically once a pair is trained and evaluated, so a killed study resumes at the first pair
+without one (and inside that pair from its last checkpoint); a pair whose result exists is not
+trained again unless ``rerun``. Pairs run seed-major: every config's seed 0 first.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,18 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from polynet.ablation.studies import (
-    Study,
-    StudyConfig,
-    build_study,
-    create_study_model,
+from polynet.ablation.report import REPORTED, write_outputs
+from polynet.ablation.results import (
+    Collected,
+    ResultStore,
+    fingerprint,
+    pair_key,
+    seed_of,
+    write_json,
 )
-from polynet.checkpoint import atomic_write
+from polynet.ablation.shards import Shard
+from polynet.ablation.studies import Study, StudyConfig, build_study, create_study_model
+from polynet.ablation.timing import attach_times, autocast_of, input_size, load_or_measure
 from polynet.cost import count_macs, count_params, model_cost
 from polynet.data import build_dataset
 from polynet.devices import resolve_device
+from polynet.errors import UserError
 from polynet.evaluation import SingleCrop, evaluate
 from polynet.loading import load_model
 from polynet.network import PolyNet
@@ -72,30 +77,14 @@ SMALL_RECIPE: dict[str, Any] = dict(
     log_every=20,
     threads=2,
     checkpoint_every=100,  # a killed config resumes within 100 steps, not from its start
+    # No ``amp``: the precision is the training API's default for this machine (see
+    # ``timing.autocast_of``), and ``--amp`` sets it for every config alike.
 )
 FULL_RECIPE: dict[str, Any] = dict(preset="paper-imagenet")
 # Settings no study may change: the study evaluates once itself (top-1 and top-5 of the final
 # weights) and trains without stochastic paths, whose train/val-gap trigger would switch them on
 # at different times for different configs (the paper uses them for very deep models only).
 FIXED: dict[str, Any] = dict(eval_every=0, final_eval=False, path_drop=0.0)
-# The recipe settings the report lists.
-REPORTED = (
-    "steps",
-    "epochs",
-    "batch_size",
-    "train_subset",
-    "optimizer",
-    "learning_rate",
-    "lr_schedule",
-    "warmup",
-    "weight_decay",
-    "label_smoothing",
-    "crop_scale",
-    "hflip",
-    "threads",
-    "device",
-    "amp",
-)
 
 
 @dataclass
@@ -106,8 +95,10 @@ class StudyOptions:
         data: ``"fashion-mnist"`` or an ImageNet-layout folder.
         scale: ``"small"`` or ``"full"``; None picks small for Fashion-MNIST, full otherwise.
         width_mult: Width multiplier (None: the scale's default, see ``build_study``).
-        seeds: Seeds per config (0 .. seeds - 1); every config uses the same seeds, so data
-            order and augmentation are identical across configs.
+        seeds: Seeds per config (0 .. seeds - 1). Seed ``s`` seeds the run's initialisation,
+            data order, augmentation and training subset; every config uses the same seeds,
+            so seed ``s`` of two configs sees the same images in the same order (comparisons
+            are paired by seed) and two seeds of one config are independent runs.
         rerun: Train, evaluate and time every selected config again.
         configs: Names of the configs to run (None: all).
         train_overrides: Training settings over the scale's recipe (``steps``, ``epochs``,
@@ -144,18 +135,13 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _say(message: str) -> None:
     if _rank() == 0:
         print(f"polynet ablate: {message}", file=sys.stderr, flush=True)
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    text = json.dumps(payload, indent=1, sort_keys=False).encode()
-    atomic_write(path, lambda f: f.write(text))
-
-
-def _fingerprint(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def recipe_for(config: StudyConfig, options: StudyOptions, seed: int, out: Path) -> TrainConfig:
@@ -178,21 +164,11 @@ def recipe_for(config: StudyConfig, options: StudyOptions, seed: int, out: Path)
     return build_config(**values)
 
 
-def _recipe_identity(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings that change what a run computes (TrainConfig declares which)."""
-    return run_identity(cfg)
-
-
-def _input_size(model: torch.nn.Module) -> tuple[int, int, int]:
-    size = model.pretrained_cfg["input_size"]
-    return (int(getattr(model, "in_chans", size[0])), int(size[1]), int(size[2]))
-
-
 def model_costs(config: StudyConfig, num_classes: int) -> dict[str, Any]:
     """Parameters and MACs (one image at the model's input size) of a config."""
     model = create_study_model(config.model, **config.model_kwargs, num_classes=num_classes)
     model.eval()
-    size = _input_size(model)
+    size = input_size(model)
     if isinstance(model, PolyNet):
         report = model_cost(model, size)
         stage_params = {part: cost.params for part, cost in report.parts.items()}
@@ -206,144 +182,37 @@ def model_costs(config: StudyConfig, num_classes: int) -> dict[str, Any]:
     return dict(params=count_params(model), macs=macs, input=list(size), stage_params=None)
 
 
-def _device(name: str) -> torch.device:
-    """Return the device a run with ``device=name`` trains on in this process."""
-    return resolve_device(name)
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
 
 
-def measure_iteration_times(
-    configs: Sequence[StudyConfig],
-    cfg: TrainConfig,
-    num_classes: int,
-    rounds: int = 3,
-    iters: int = 2,
-) -> dict[str, list[float]]:
-    """Seconds per training iteration of every config, measured round-robin in one process.
-
-    Every config trains on the same fixed batch with the recipe's optimizer; configs take turns
-    (``iters`` iterations each) for ``rounds`` rounds after one warm-up round, so a drift of
-    the machine's speed affects all configs alike.
-
-    Args:
-        configs: The configs to time.
-        cfg: The recipe (batch size, optimizer, device, threads, precision).
-        num_classes: Classifier outputs.
-        rounds: Measured rounds.
-        iters: Iterations per config and round.
-
-    Returns:
-        Per config name, one mean seconds-per-iteration per measured round.
-
-    """
-    from polynet.training import build_optimizer
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batch = max(1, cfg.batch_size // world)
-    models, optimizers, inputs = {}, {}, {}
-    generator = torch.Generator().manual_seed(0)
-    for config in configs:
-        model = create_study_model(config.model, **config.model_kwargs, num_classes=num_classes)
-        model.to(device).train()
-        models[config.name] = model
-        optimizers[config.name] = build_optimizer(model, cfg)
-        size = _input_size(model)
-        if size not in inputs:
-            images = torch.randn(batch, *size, generator=generator)
-            labels = torch.randint(num_classes, (batch,), generator=generator)
-            inputs[size] = (images.to(device), labels.to(device))
-    enabled = cfg.amp != "none" and device.type == "cuda"
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    times: dict[str, list[float]] = {c.name: [] for c in configs}
-    for round_index in range(rounds + 1):
-        for config in configs:
-            model, optimizer = models[config.name], optimizers[config.name]
-            images, labels = inputs[_input_size(model)]
-            sync()
-            start = time.perf_counter()
-            for _ in range(iters):
-                with torch.autocast(device.type, dtype=dtype, enabled=enabled):
-                    loss = F.cross_entropy(model(images).float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            sync()
-            if round_index:  # round 0 warms up caches, allocators and autotuning
-                times[config.name].append((time.perf_counter() - start) / iters)
-    return times
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The recipe settings the report lists, as this machine ran them."""
+    values = {k: getattr(cfg, k) for k in REPORTED}
+    values.update(amp=autocast_of(cfg), device=str(resolve_device(cfg.device)))
+    return values
 
 
-def _timing(
-    out: Path, study: Study, options: StudyOptions, num_classes: int
-) -> dict[str, dict[str, Any]]:
-    """Load the timing pass, or measure every config again if any is missing or stale."""
-    path = out / "timing.json"
-    probe = recipe_for(study.configs[0], options, 0, out / "runs" / "timing")
-    identity = dict(
-        batch_size=probe.batch_size,
-        optimizer=probe.optimizer,
-        device=str(_device(probe.device)),
-        threads=probe.threads,
-        amp=probe.amp,
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        rounds=options.timing_rounds,
-        iters=options.timing_iters,
-    )
-    wanted = {c.name: _fingerprint([c.model, c.model_kwargs, identity]) for c in study.configs}
-    cached: dict[str, dict[str, Any]] = {}
-    if path.is_file() and not options.rerun:
-        cached = json.loads(path.read_text()).get("configs", {})
-    if all(cached.get(n, {}).get("fingerprint") == f for n, f in wanted.items()):
-        return cached
-    _say(
-        f"timing {len(study.configs)} configs: {options.timing_rounds} interleaved rounds of "
-        f"{options.timing_iters} iterations at batch {probe.batch_size} on {identity['device']}"
-    )
-    times = measure_iteration_times(
-        study.configs, probe, num_classes, options.timing_rounds, options.timing_iters
-    )
-    # Configs timed earlier in another pass are replaced: only one pass is comparable.
-    cached = {
-        name: dict(
-            fingerprint=wanted[name],
-            seconds_per_iter=statistics.median(samples),
-            samples=samples,
-        )
-        for name, samples in times.items()
-    }
-    previous = json.loads(path.read_text()).get("configs", {}) if path.is_file() else {}
-    merged = {k: v for k, v in previous.items() if k not in cached}
-    merged.update(cached)
-    if _rank() == 0:
-        _write_json(path, dict(setup=identity, configs=merged))
-    return merged
-
-
-def _evaluate_run(run_dir: Path, data: str, options: StudyOptions) -> dict[str, Any]:
+def _evaluate_run(run_dir: Path, data: str, options: StudyOptions, amp: str) -> dict[str, Any]:
     """Top-1 and top-5 of a run's final weights on the validation split."""
     model, file = load_model(run_dir / "last.pt", factory=create_study_model, adapt=False)
     payload = file.payload
     data_cfg = dict(payload["pretrained_cfg"])
     data_cfg["input_size"] = tuple(data_cfg["input_size"])
     dataset = build_dataset(data, "val")
-    cfg = payload["config"]
-    device = _device(cfg.get("device", "auto"))
     result = evaluate(
         model,
         dataset,
         SingleCrop(),
         cfg=data_cfg,
         batch_size=options.eval_batch_size,
-        device=device,
+        device=resolve_device(payload["config"].get("device", "auto")),
         limit=options.eval_limit,
-        amp=cfg.get("amp", "none") != "none",
+        # The precision the run trained in (an fp16 run evaluates in fp32, as evaluate has
+        # no fp16 path).
+        precision="bf16" if amp == "bf16" else "fp32",
         progress=options.progress,
     )
     summary = result.metrics.summary()
@@ -357,13 +226,15 @@ def _evaluate_run(run_dir: Path, data: str, options: StudyOptions) -> dict[str, 
 
 @dataclass
 class StudyRun:
-    """What :func:`run_study` did.
+    """What :func:`run_study` or :func:`report_study` did.
 
     Attributes:
         out: The study folder.
-        rows: Per config and seed, the cached or new result.
+        rows: Per config and seed of this job, the cached or new result.
         trained: ``config_s<seed>`` keys trained in this call.
-        cached: Keys taken from the cache.
+        cached: Keys taken from the results folder.
+        missing: Keys of the study without a result (after this call).
+        reported: Whether the tables, plots and report were written.
 
     """
 
@@ -371,6 +242,63 @@ class StudyRun:
     rows: list[dict[str, Any]]
     trained: list[str]
     cached: list[str]
+    missing: list[str] = field(default_factory=list)
+    reported: bool = False
+
+
+def _write_study_json(
+    out: Path, study: Study, scale: str, options: StudyOptions, num_classes: int
+) -> None:
+    write_json(
+        out / "study.json",
+        dict(
+            study=study.name,
+            title=study.title,
+            figure=study.figure,
+            scale=scale,
+            data=options.data,
+            seeds=options.seeds,
+            num_classes=num_classes,
+            options={k: v for k, v in asdict(options).items() if k != "configs"},
+            configs=[asdict(c) for c in study.configs],
+        ),
+    )
+
+
+def _write_report(
+    study: Study,
+    out: Path,
+    store: ResultStore,
+    seeds: Sequence[int],
+    context: dict[str, Any],
+    expected: int | None = None,
+) -> Collected:
+    """Merge the results folder's pairs of ``study`` into tables, plots and the report.
+
+    Args:
+        study: The study (its selected configs).
+        out: The study folder.
+        store: Its results folder.
+        seeds: The seeds to merge.
+        context: Scale, data and number of classes (None: from the rows or the data).
+        expected: Seeds below this count as missing where absent (None: all of ``seeds``).
+
+    Returns:
+        The rows merged and the expected pairs without a result.
+
+    """
+    collected = store.collect(study, seeds)
+    if expected is not None:
+        collected.missing = [k for k in collected.missing if seed_of(k) < expected]
+    timing_seconds = attach_times(collected.rows, out)
+    context = dict(context, missing=collected.missing, timing_seconds=timing_seconds)
+    if context.get("num_classes") is None:  # a folder of an older version: ask the rows, data
+        recorded = (r["num_classes"] for r in collected.rows if "num_classes" in r)
+        context["num_classes"] = next(recorded, None) or len(
+            build_dataset(context["data"], "val").classes
+        )
+    write_outputs(study, collected.rows, out, context)
+    return collected
 
 
 def run_study(
@@ -378,130 +306,204 @@ def run_study(
     out: str | os.PathLike,
     options: StudyOptions | None = None,
     *,
+    runs: str | os.PathLike | None = None,
+    shard: Shard | None = None,
     after_config: Callable[[dict[str, Any]], None] | None = None,
 ) -> StudyRun:
-    """Run a study (or finish a killed one), then write its tables, plots and report.
+    """Run a study (or finish a killed one, or one job's share), then write its report.
 
     Args:
         study: A :class:`Study` or a name from :data:`~polynet.ablation.studies.STUDIES`.
-        out: The study folder.
+        out: The study folder (results, timing, tables, report).
         options: Data, scale, seeds, recipe overrides, caching and timing settings.
+        runs: Where the training runs (checkpoints) go (default ``out/runs``).
+        shard: Train only this job's share of the (config, seed) pairs (see
+            :class:`~polynet.ablation.shards.Shard`); the report is written once the folder
+            holds every pair, else by :func:`report_study`.
         after_config: Called with each new result row once it is saved.
 
     Returns:
-        The rows and which of them were trained now or taken from the cache.
+        This job's rows, which of them were trained now or taken from the results folder,
+        and the pairs still missing.
 
     Raises:
-        ValueError: For an unknown study or config, bad settings, or a folder holding results
+        UserError: For an unknown study or config, bad settings, or a folder holding results
             of a different recipe (pass ``rerun`` or use another folder).
 
     """
-    from polynet.ablation.report import write_outputs
-
     options = options or StudyOptions()
     if options.seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {options.seeds}")
+        raise UserError(f"seeds must be at least 1, got {options.seeds}")
     scale = options.resolved_scale()
-    if isinstance(study, str):
-        study = build_study(study, scale, options.width_mult)
-    study = study.select(options.configs)
+    whole = build_study(study, scale, options.width_mult) if isinstance(study, str) else study
+    study = whole.select(options.configs)
     out = Path(out)
+    runs = Path(runs) if runs is not None else out / "runs"
+    store = ResultStore(out / "results")
     is_main = _rank() == 0
     # Validate the recipe and the data before any long work.
-    recipe_for(study.configs[0], options, 0, out / "runs" / "check")
+    recipe_for(study.configs[0], options, 0, runs / "check")
     classes = list(build_dataset(options.data, "val").classes)
-    rows, trained, cached = [], [], []
+    rows: list[dict[str, Any]] = []
+    trained: list[str] = []
+    cached: list[str] = []
     pending = []
-    for config in study.configs:
-        for seed in range(options.seeds):
-            key = f"{config.name}_s{seed}"
-            run_dir = out / "runs" / key
-            cfg = recipe_for(config, options, seed, run_dir)
-            identity = _recipe_identity(cfg)
-            result_file = out / "results" / f"{key}.json"
-            if result_file.is_file() and not options.rerun:
-                saved = json.loads(result_file.read_text())
-                if saved.get("fingerprint") != _fingerprint(identity):
-                    differs = sorted(
-                        k
-                        for k in set(identity) | set(saved.get("recipe", {}))
-                        if identity.get(k) != saved.get("recipe", {}).get(k)
-                    )
-                    raise ValueError(
-                        f"{result_file} was made with a different recipe (differs in "
-                        f"{', '.join(differs) or 'model'}); retrain it with --rerun --configs "
-                        f"{config.name} (--rerun alone retrains every config) or choose another "
-                        "--out"
-                    )
+    for seed in range(options.seeds):
+        for config in study.configs:
+            if shard is not None and not shard.owns(whole, config.name, seed):
+                continue
+            key = pair_key(config.name, seed)
+            cfg = recipe_for(config, options, seed, runs / key)
+            identity = run_identity(cfg)
+            saved = None if options.rerun else store.load(key)
+            if saved is None:
+                pending.append((config, seed, key, cfg, identity))
+            else:
+                store.check(saved, identity)
                 rows.append(saved)
                 cached.append(key)
-            else:
-                pending.append((config, seed, key, run_dir, cfg, identity, result_file))
     if is_main:
-        _write_json(
-            out / "study.json",
-            dict(
-                study=study.name,
-                title=study.title,
-                figure=study.figure,
-                scale=scale,
-                data=options.data,
-                seeds=options.seeds,
-                options={k: v for k, v in asdict(options).items() if k != "configs"},
-                configs=[asdict(c) for c in study.configs],
-            ),
-        )
+        _write_study_json(out, study, scale, options, len(classes))
     # Timing after the cache check, so that a refused folder fails before any long work.
     # Under torchrun every process times on its own device at the same time (no process waits
     # for another outside the training API); the main process records its measurements.
-    timing = _timing(out, study, options, len(classes))
+    if shard is None or shard.times:
+        probe = recipe_for(study.configs[0], options, 0, runs / "timing")
+        load_or_measure(
+            out,
+            study.configs,
+            probe,
+            len(classes),
+            options.timing_rounds,
+            options.timing_iters,
+            rerun=options.rerun,
+            say=_say,
+        )
     if cached:
-        _say(f"{len(cached)} config/seed results cached in {out / 'results'}; not rerun")
+        _say(f"{len(cached)} config/seed results cached in {store.folder}; not rerun")
 
     costs: dict[str, dict[str, Any]] = {}
-    for index, (config, seed, key, run_dir, cfg, identity, result_file) in enumerate(pending):
+    for index, (config, seed, key, cfg, identity) in enumerate(pending):
+        # Another job may have landed this pair meanwhile (all processes of one torchrun job
+        # must take the same branch, so only a single-process job looks).
+        landed = None if options.rerun or _world() > 1 else store.load(key)
+        if landed is not None:
+            store.check(landed, identity)
+            rows.append(landed)
+            cached.append(key)
+            continue
         _say(f"[{index + 1}/{len(pending)}] training {key} ({config.label})")
-        start = time.time()
+        started = time.time()
         overrides = dict(overwrite=True) if options.rerun else dict(resume=True)
         outcome = train(cfg, model_factory=create_study_model, **overrides)
         if not is_main:
             continue
         if config.name not in costs:
             costs[config.name] = model_costs(config, len(classes))
+        last = outcome.history[-1] if outcome.history else {}
         row: dict[str, Any] = dict(
             config=config.name,
             seed=seed,
             **{k: v for k, v in asdict(config).items() if k != "name"},
             **costs[config.name],
-            **_evaluate_run(run_dir, options.data, options),
+            **_evaluate_run(runs / key, options.data, options, autocast_of(cfg)),
+            num_classes=len(classes),
             steps=outcome.steps,
             epochs=outcome.epochs,
+            train_loss=last.get("train_loss"),
+            train_top1=last.get("train_top1"),
+            train_curve=[
+                {k: h[k] for k in ("epoch", "step", "lr", "train_loss", "train_top1") if k in h}
+                for h in outcome.history
+            ],
             train_seconds=outcome.seconds,
-            wall_seconds=time.time() - start,
+            wall_seconds=time.time() - started,
+            started_at=started,
+            finished_at=time.time(),
+            device=_device_name(resolve_device(cfg.device)),
+            world_size=_world(),
+            threads=torch.get_num_threads(),
+            settings=_settings(cfg),
             recipe=identity,
-            fingerprint=_fingerprint(identity),
+            fingerprint=fingerprint(identity),
         )
-        _write_json(result_file, row)
+        store.save(row)
         rows.append(row)
         trained.append(key)
         _say(f"{key}: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
         if after_config is not None:
             after_config(row)
-    if is_main:
-        order = {c.name: i for i, c in enumerate(study.configs)}
-        rows.sort(key=lambda r: (order[r["config"]], r["seed"]))
-        for row in rows:
-            row["seconds_per_iter"] = timing.get(row["config"], {}).get("seconds_per_iter")
-        recipe = recipe_for(study.configs[0], options, 0, out)
-        shown = {k: getattr(recipe, k) for k in REPORTED}
-        if recipe.steps is not None:
-            shown.pop("epochs")  # the run length is in steps
-        summary = ", ".join(
-            f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
-            for k, v in shown.items()
-            if v is not None
-        )
-        context = dict(scale=scale, data=options.data, classes=classes, recipe=summary)
-        write_outputs(study, rows, out, context)
+    run = StudyRun(out, rows, trained, cached)
+    if not is_main:
+        return run
+    seeds = range(options.seeds)
+    run.missing = store.collect(study, seeds).missing
+    if shard is None or shard.count == 1 or not run.missing:
+        context = dict(scale=scale, data=options.data, num_classes=len(classes))
+        run.missing = _write_report(study, out, store, seeds, context).missing
+        run.reported = True
         _say(f"wrote tables, plots and report to {out}")
-    return StudyRun(out, rows, trained, cached)
+    return run
+
+
+def _read_study_json(out: Path, name: str) -> dict[str, Any]:
+    path = out / "study.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("study", name) != name:
+        raise UserError(
+            f"{out} holds the study {saved['study']!r}, not {name!r}; name that study or "
+            "another --out"
+        )
+    return saved
+
+
+def report_study(
+    study: Study | str,
+    out: str | os.PathLike,
+    options: StudyOptions | None = None,
+    *,
+    seeds: int | None = None,
+) -> StudyRun:
+    """Merge whatever results ``out/results`` holds into tables, plots and the report.
+
+    Trains and times nothing. The pairs expected are the configs and seeds the last run
+    recorded in ``study.json`` (``options.configs`` and ``seeds`` override them); those
+    without a result are listed as missing in the report, not silently left out.
+
+    Args:
+        study: A :class:`Study` or a study's name.
+        out: The study folder.
+        options: Data, scale and width (when ``study.json`` does not record them), configs.
+        seeds: Seeds expected of every config (seeds found beyond them are reported too).
+
+    Raises:
+        UserError: When the folder holds no result of the study, results of different
+            recipes, or another study.
+
+    """
+    options = options or StudyOptions()
+    out = Path(out)
+    name = study if isinstance(study, str) else study.name
+    saved = _read_study_json(out, name)
+    scale = saved.get("scale") or options.resolved_scale()
+    data = saved.get("data") or options.data
+    if isinstance(study, str):
+        width = saved.get("options", {}).get("width_mult", options.width_mult)
+        study = build_study(study, scale, width)
+    names = options.configs or [c["name"] for c in saved.get("configs", [])] or None
+    study = study.select(names)
+    store = ResultStore(out / "results")
+    found = store.seeds_found(study)
+    if not found:
+        raise UserError(
+            f"no results of study {name!r} in {store.folder} yet; train them first (polynet "
+            f"ablate {name} --out {out})"
+        )
+    expected = seeds or saved.get("seeds") or max(found) + 1
+    all_seeds = sorted(set(range(expected)) | set(found))
+    context = dict(scale=scale, data=data, num_classes=saved.get("num_classes"))
+    collected = _write_report(study, out, store, all_seeds, context, expected)
+    keys = [pair_key(r["config"], r["seed"]) for r in collected.rows]
+    return StudyRun(out, collected.rows, [], keys, collected.missing, reported=True)

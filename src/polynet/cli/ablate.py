@@ -8,9 +8,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from polynet.ablation import STUDIES, StudyOptions, build_study, run_study
+from polynet.ablation import STUDIES, Shard, StudyOptions, build_study, report_study, run_study
 from polynet.ablation.studies import SMALL_WIDTH
 from polynet.cli import summary
+from polynet.errors import UserError
 
 # What --publish copies: small text and PNG files, never the runs' checkpoints.
 PUBLISHED = ("report.md", "results.csv", "results.json", "timing.json", "study.json", "fig*.png")
@@ -24,14 +25,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train and evaluate every config of a study with one recipe, time one training "
             "iteration of each (configs interleaved), and write results.csv/json, the paper's "
-            "figure and report.md into --out. Results are cached per config and seed: a killed "
-            "study resumes, a finished config is not rerun unless --rerun. Fashion-MNIST runs "
-            "the small 28 px variant; an ImageNet-layout folder runs the full-width models "
-            "(also on GPUs and under torchrun)."
+            "figure and report.md into --out. Results are cached per config and seed in "
+            "OUT/results (small JSON files): a killed study resumes, a finished pair is not "
+            "rerun unless --rerun, N jobs split a study with --shard K/N over one --out, and "
+            "--report merges what is there. Fashion-MNIST runs the small 28 px variant; an "
+            "ImageNet-layout folder runs the full-width models (also on GPUs and under "
+            "torchrun)."
         ),
     )
     p.add_argument("study", choices=STUDIES, help="which study")
-    p.add_argument("--out", required=True, help="study folder (results, cache, report)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="study folder: results/ (the cache), timing, tables, figure, report; small files "
+        "that can be committed to git",
+    )
+    p.add_argument(
+        "--runs",
+        metavar="DIR",
+        help="training runs (checkpoints) of every config and seed (default: OUT/runs); keep "
+        "them out of a committed --out",
+    )
     p.add_argument(
         "--data",
         default="fashion-mnist",
@@ -49,8 +63,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"width multiplier (default: {SMALL_WIDTH} for the small variant, the registered "
         "widths at full scale)",
     )
-    p.add_argument("--seeds", type=int, default=1, help="seeds per config (default: 1)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        help="seeds per config, 0 .. N-1 (default: 1; with --report, those the runs recorded)",
+    )
     p.add_argument("--rerun", action="store_true", help="train and time every config again")
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="train only job K's share of N jobs that split the (config, seed) pairs over one "
+        "--out (job 1 also times); then --report",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="train nothing: merge the results in OUT/results into tables, figure and report "
+        "(missing pairs listed)",
+    )
     p.add_argument("--configs", nargs="+", metavar="NAME", help="run only these configs")
     p.add_argument("--list", action="store_true", help="list the study's configs and exit")
     length = p.add_mutually_exclusive_group()
@@ -61,7 +91,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--train-subset", type=int, help="train on this many images")
     p.add_argument("--eval-limit", type=int, help="evaluate on the first N validation images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: auto)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), help="mixed precision on CUDA")
+    p.add_argument(
+        "--amp",
+        help="autocast precision, as polynet train's --amp (default: the training default)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (small recipe: 2)")
     p.add_argument("--workers", type=int, help="data-loader workers for image folders")
     p.add_argument(
@@ -86,13 +119,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run (or resume) the study and print where the report is."""
+    """Run (or resume) the study, or one job's share of it, or report it; say where."""
     for name in ("seeds", "timing_rounds", "timing_iters"):
-        if getattr(args, name) < 1:
+        value = getattr(args, name)
+        if value is not None and value < 1:
             flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} must be at least 1, got {getattr(args, name)}")
+            raise UserError(f"{flag} must be at least 1, got {value}")
     if args.width_mult is not None and args.width_mult <= 0:
-        raise ValueError(f"--width-mult must be positive, got {args.width_mult}")
+        raise UserError(f"--width-mult must be positive, got {args.width_mult}")
+    if args.report and (args.rerun or args.shard):
+        flag = "--rerun" if args.rerun else "--shard"
+        raise UserError(f"--report trains nothing; drop {flag} (or --report to train)")
+    shard = Shard.parse(args.shard) if args.shard else None
     overrides = {
         key: getattr(args, key)
         for key in ("steps", "epochs", "batch_size", "lr", "train_subset", "device", "amp",
@@ -103,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         scale=args.scale,
         width_mult=args.width_mult,
-        seeds=args.seeds,
+        seeds=args.seeds or 1,
         rerun=args.rerun,
         configs=args.configs,
         train_overrides=overrides,
@@ -120,17 +158,27 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"{c.name:<22} {c.label:<22} {c.model} {kwargs}")
         return 0
-    result = run_study(args.study, args.out, options)
-    if args.publish and int(os.environ.get("RANK", "0")) == 0:
+    if args.report:
+        result = report_study(args.study, args.out, options, seeds=args.seeds)
+    else:
+        result = run_study(args.study, args.out, options, runs=args.runs, shard=shard)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.publish and result.reported:
         target = Path(args.publish)
         target.mkdir(parents=True, exist_ok=True)
         for name in PUBLISHED:
             for path in sorted(result.out.glob(name)):
                 shutil.copy2(path, target / path.name)
         print(f"copied the report, tables and figure to {target}")
-    print(
-        f"{args.study}: {len(result.trained)} trained, {len(result.cached)} cached; report "
-        f"{result.out / 'report.md'}",
-        file=sys.stdout,
-    )
+    missing = f", {len(result.missing)} missing" if result.missing else ""
+    done = f"{len(result.trained)} trained, {len(result.cached)} cached{missing}"
+    if result.reported:
+        print(f"{args.study}: {done}; report {result.out / 'report.md'}", file=sys.stdout)
+    else:
+        print(
+            f"{args.study} shard {shard}: {done}; when every job is done: polynet ablate "
+            f"{args.study} --out {args.out} --report",
+            file=sys.stdout,
+        )
     return 0
