@@ -525,6 +525,23 @@ def test_time_budget_plans_the_length_once_and_a_resume_keeps_it(tmp_path, capsy
 
 
 @needs_fashion
+def test_time_budget_is_planned_again_at_the_pace_of_the_first_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "REPLAN_AFTER_STEPS", 20)
+    values = dict(QUICK, data="fashion-mnist", out=str(tmp_path / "run"), val_subset=32)
+    result = loop.train(dict(values, time_budget=20.0, train_subset=160, batch_size=8))
+    err = capsys.readouterr().err
+    assert "time budget: re-planned after 20 steps" in err
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["epochs"] == pytest.approx(result.epochs)  # what a resume continues
+    assert result.seconds < 20
+    # The cosine schedule follows the new length: it reaches zero at the end, not before.
+    rates = [row["lr"] for row in result.history]
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12) and min(rates[:-1]) > 0
+    again = loop.train(dict(out=str(tmp_path / "run"), resume=True))
+    assert "re-planned" not in capsys.readouterr().err and again.steps == result.steps
+
+
+@needs_fashion
 def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, monkeypatch):
     run = dict(deterministic=True, checkpoint_every=2, epochs=2, ema_decay=0.9, val_subset=32)
     whole = loop.train(fashion_run(tmp_path, "whole", **run))

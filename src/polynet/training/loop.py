@@ -38,6 +38,8 @@ from polynet.network import compile_units, describe_classes
 from polynet.training.batches import TensorTrainBatches
 from polynet.training.budget import (
     PROBE_STEPS,
+    REPLAN_AFTER_STEPS,
+    REPLAN_PACE_MARGIN,
     Eta,
     evaluation_work,
     measure_speed,
@@ -55,7 +57,7 @@ from polynet.training.distributed import (
 )
 from polynet.training.evaluation import Evaluator
 from polynet.training.logs import RunLog, plot_curves
-from polynet.training.recipe import build_optimizer, build_scheduler
+from polynet.training.recipe import build_optimizer, build_scheduler, rescheduled
 from polynet.training.rundir import RUN_FILES, RunFolder, resumed_config
 from polynet.training.setup import (
     build_data,
@@ -157,6 +159,9 @@ def train(
         trainer.close()
 
 
+_PACE_FROM_STEP = 10  # a re-plan times the steps after this one (the first pay for set-up)
+
+
 class Trainer:
     """One training job; :func:`train` is the usual entry point."""
 
@@ -170,6 +175,7 @@ class Trainer:
         self.start_time = time.time()
         self.unflipped_top1: float | None = None  # with eval_flip: the last top-1 without
         self.plan_note = ""  # the time budget's plan, logged after the run's first line
+        self.replan_at: int | None = None  # the step after which the plan is made again
         set_threads(cfg)
         self.device = train_device(cfg)
         # "auto" becomes what it chose, so config.yaml records it and a resume keeps it.
@@ -306,12 +312,39 @@ class Trainer:
         # Every process runs the main process's plan.
         steps = int(all_sum(self.dist, float(steps) if self.dist.is_main else 0.0)[0])
         self.cfg = dataclasses.replace(cfg, epochs=steps / self.steps_per_epoch)
+        self.speed = speed
+        first_save = min(cfg.checkpoint_every or self.steps_per_epoch, self.steps_per_epoch)
+        # Re-planned within the first epoch, whose batches are drawn in full.
+        if _PACE_FROM_STEP + 10 <= min(REPLAN_AFTER_STEPS, first_save) and (
+            steps >= self.steps_per_epoch
+        ):
+            self.replan_at = min(REPLAN_AFTER_STEPS, first_save)
         self.plan_note = (
             f"time budget {cfg.time_budget:g} s: planned at "
             f"{cfg.batch_size / speed.step_seconds:.0f} training, "
             f"{1 / speed.eval_image_seconds:.0f} validation and "
             f"{1 / speed.recalibration_image_seconds:.0f} recalibration images/s (measured "
             f"here, less a margin): {self.cfg.epochs:.2f} epochs ({steps:,} steps)"
+        )
+
+    def _replan(self, pace_seconds: float) -> None:
+        """Fit the rest of the run to the budget at the pace of its steps so far."""
+        cfg, state = self.cfg, self.state
+        speed = dataclasses.replace(self.speed, step_seconds=pace_seconds * REPLAN_PACE_MARGIN)
+        left = cfg.time_budget - (time.time() - self.start_time)
+        more = plan_steps(cfg, speed, left, self.steps_per_epoch, self.val_set, self.train_indices)
+        more = int(all_sum(self.dist, float(more) if self.dist.is_main else 0.0)[0])
+        epochs = (state.global_step + more) / self.steps_per_epoch
+        self.cfg = dataclasses.replace(cfg, epochs=epochs)
+        self.scheduler, self.total_steps = rescheduled(
+            self.optimizer, self.scheduler, self.cfg, self.steps_per_epoch
+        )
+        self.folder.write_config(self.cfg)  # before any checkpoint: a resume continues this plan
+        self.replan_at = None
+        self.log(
+            f"time budget: re-planned after {state.global_step} steps at "
+            f"{cfg.batch_size / pace_seconds:.0f} training images/s: {self.cfg.epochs:.2f} "
+            f"epochs ({self.total_steps:,} steps)"
         )
 
     # ----------------------------------------------------------------------------------------
@@ -516,8 +549,10 @@ class Trainer:
                 leave=False,
                 file=sys.stderr,
             )
-            tick = step_start = time.time()
+            tick = step_start = pace_mark = time.time()
             for images, labels in stream:
+                if state.global_step >= self.total_steps:  # a re-plan shortened the run
+                    break
                 loss, correct = self._train_step(images, labels)
                 n = len(labels)
                 state.add_batch(loss, correct, n)
@@ -525,6 +560,11 @@ class Trainer:
                 now = time.time()
                 self.eta.step(now - step_start)
                 step_start = now
+                if state.global_step == _PACE_FROM_STEP:
+                    pace_mark = now
+                if state.global_step == self.replan_at:
+                    self._replan((now - pace_mark) / (state.global_step - _PACE_FROM_STEP))
+                    num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
                 rate = self.eta.images_per_second * self.dist.world_size
                 remaining = self.eta.seconds_left(
                     self.total_steps - state.global_step, self._evaluations_left(num_epochs)

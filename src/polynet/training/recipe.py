@@ -103,3 +103,27 @@ def build_scheduler(
         cfg.warmup * per_unit,
     )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), total
+
+
+def rescheduled(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+    cfg: TrainConfig,
+    steps_per_epoch: int,
+) -> tuple[torch.optim.lr_scheduler.LambdaLR, int]:
+    """The schedule of a run whose length changed, at the step ``scheduler`` has reached.
+
+    The learning rate of the next step is the new schedule's at that step, exactly what a run
+    resumed from a later checkpoint computes.
+
+    Returns:
+        The new scheduler and the new run length in steps.
+
+    """
+    new, total = build_scheduler(optimizer, cfg, steps_per_epoch)  # (sets lr to step 0's)
+    new.load_state_dict(scheduler.state_dict())
+    lrs = [base * fn(new.last_epoch) for base, fn in zip(new.base_lrs, new.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    new._last_lr = lrs  # what get_last_lr() reports
+    return new, total
