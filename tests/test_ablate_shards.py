@@ -102,6 +102,10 @@ def test_two_processes_split_a_study_over_one_folder_then_report_merges(tmp_path
     report = (out / "report.md").read_text()
     assert "4 config/seed runs; none missing" in report and "(paired over 2 seeds" in report
 
+    # A failing --on-result command is reported; the study (here its report) goes on.
+    assert main(["ablate", "stages", "--out", str(out), "--report", "--on-result", "exit 3"]) == 0
+    assert "--on-result exited with 3 after report; going on" in capsys.readouterr().err
+
     # A pair without a result is reported as missing, not dropped from view.
     (out / "results" / "b_poly3_s1.json").unlink()
     assert main(["ablate", "stages", "--out", str(out), "--report"]) == 0

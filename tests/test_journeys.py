@@ -443,6 +443,52 @@ def test_ablation_on_a_folder(here):
             assert main([*argv[1:], *tiny]) == 0, command
 
 
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
+
+
+def test_ablation_commits_each_result_and_resumes_from_the_commits(tmp_path, monkeypatch, capsys):
+    # docs/ablation.md: a study whose --on-result commits each result as it lands; a fresh
+    # clone (another machine) running the same command trains nothing.
+    for key in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{key}_NAME", "journey")
+        monkeypatch.setenv(f"GIT_{key}_EMAIL", "journey@example.invalid")
+    (command,) = JOURNEY_GROUPS["ablate-commit"]
+    extra = [*TINY_ABLATE, "--seeds", "2", "--configs", "ir_3_6_3", "a_2way"]
+    first, clone = tmp_path / "first", tmp_path / "clone"
+    first.mkdir()
+    _git("init", "-q", cwd=first)
+    monkeypatch.chdir(first)
+    assert run(command, *extra) == 0
+    subjects = _git("log", "--format=%s", cwd=first).split("\n")
+    pairs = [f"{c}_s{s}" for s in (0, 1) for c in ("ir_3_6_3", "a_2way")]
+    assert subjects[:5] == [f"ablation stages: {k}" for k in ["report", *reversed(pairs)]]
+    tracked = _git("ls-files", cwd=first).split()
+    assert {f"docs/ablation/stages/results/{k}.json" for k in pairs} <= set(tracked)
+    assert "docs/ablation/stages/report.md" in tracked
+    assert not any(t.startswith("runs/") for t in tracked)  # checkpoints stay out
+    _git("clone", "-q", str(first), str(clone), cwd=tmp_path)
+    monkeypatch.chdir(clone)
+    capsys.readouterr()
+    assert run(command, *extra) == 0
+    assert "stages: 0 trained, 4 cached" in capsys.readouterr().out
+
+
+def test_ablation_split_over_jobs_then_report(here, capsys):
+    shard_1, shard_2, report = JOURNEY_GROUPS["ablate-shards"]
+    extra = [*TINY_ABLATE, "--seeds", "2", "--configs", "ir_3_6_3", "a_2way"]
+    assert run(shard_1, *extra) == 0
+    assert "when every job is done" in capsys.readouterr().out  # pairs of job 2 missing
+    assert run(shard_2, *extra) == 0
+    assert "2 trained, 0 cached; report" in capsys.readouterr().out  # the last pair landed
+    assert run(report) == 0
+    assert "0 trained, 4 cached; report" in capsys.readouterr().out
+    text = (here / "runs" / "ablation" / "stages-shared" / "report.md").read_text()
+    assert "4 config/seed runs; none missing" in text
+
+
 def test_scripts(here, tmp_path):
     python = [sys.executable]
     commands = JOURNEY_GROUPS["scripts"]
@@ -712,6 +758,16 @@ JOURNEY_GROUPS: dict[str, list[str]] = {
         "polynet ablate stages --out runs/ablation/stages --publish docs/ablation/stages",
         "polynet ablate mixing --out runs/ablation/mixing --publish docs/ablation/mixing",
         "polynet ablate stages --out runs/ablation/stages-3seeds --seeds 3",
+    ],
+    "ablate-commit": [
+        "polynet ablate stages --out docs/ablation/stages --runs runs/ablation/stages --seeds 3 "
+        "--on-result 'git add docs/ablation/stages && git commit -q -m \"ablation stages: "
+        "$POLYNET_PAIR\" -- docs/ablation/stages'",
+    ],
+    "ablate-shards": [
+        "polynet ablate stages --out runs/ablation/stages-shared --seeds 3 --shard 1/2",
+        "polynet ablate stages --out runs/ablation/stages-shared --seeds 3 --shard 2/2",
+        "polynet ablate stages --out runs/ablation/stages-shared --report",
     ],
     "bench": [
         "polynet bench --json bench.json --markdown bench.md",

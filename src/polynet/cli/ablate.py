@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from polynet.ablation import STUDIES, Shard, StudyOptions, build_study, report_study, run_study
 from polynet.ablation.studies import SMALL_WIDTH
@@ -111,6 +114,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--progress", action="store_true", help="show progress bars")
     p.add_argument(
+        "--on-result",
+        metavar="CMD",
+        help="shell command run after each result file lands (POLYNET_PAIR=<config>_s<seed>, "
+        "POLYNET_RESULT=its file) and after the report (POLYNET_PAIR=report), e.g. a git commit "
+        "of --out; a failing command is reported and the study goes on",
+    )
+    p.add_argument(
         "--publish",
         metavar="DIR",
         help="also copy the report, tables, timing and figure (no checkpoints) to DIR",
@@ -158,12 +168,18 @@ def run(args: argparse.Namespace) -> int:
             )
             print(f"{c.name:<22} {c.label:<22} {c.model} {kwargs}")
         return 0
+    hook = _on_result(args.on_result, Path(args.out)) if args.on_result else None
     if args.report:
         result = report_study(args.study, args.out, options, seeds=args.seeds)
     else:
-        result = run_study(args.study, args.out, options, runs=args.runs, shard=shard)
+        after = (lambda row: hook(f"{row['config']}_s{row['seed']}")) if hook else None
+        result = run_study(
+            args.study, args.out, options, runs=args.runs, shard=shard, after_config=after
+        )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
+    if hook and result.reported:
+        hook("report")
     if args.publish and result.reported:
         target = Path(args.publish)
         target.mkdir(parents=True, exist_ok=True)
@@ -182,3 +198,22 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stdout,
         )
     return 0
+
+
+def _on_result(command: str, out: Path) -> Callable[[str], Any]:
+    """Run ``command`` in a shell for one landed pair (or ``"report"``); warn if it fails.
+
+    The study goes on when it fails: a result file on disk is worth more than one commit.
+    """
+
+    def run_hook(pair: str) -> None:
+        result = out / "results" / f"{pair}.json" if pair != "report" else out / "report.md"
+        env = dict(os.environ, POLYNET_PAIR=pair, POLYNET_RESULT=str(result))
+        done = subprocess.run(command, shell=True, env=env, check=False)
+        if done.returncode:
+            print(
+                f"polynet ablate: --on-result exited with {done.returncode} after {pair}; going on",
+                file=sys.stderr,
+            )
+
+    return run_hook
