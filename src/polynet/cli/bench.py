@@ -7,9 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from polynet.bench import CANDIDATES, BenchConfig, run_benchmark, to_markdown
+from polynet.bench import BenchConfig, run_benchmark, to_markdown
+from polynet.bench.candidates import LIKE_FOR_LIKE, REGISTRY
 from polynet.checkpoint import atomic_write
 from polynet.cli import summary
+from polynet.errors import UserError
 from polynet.outputs import check_output
 
 
@@ -30,14 +32,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, help="untimed rounds first (default 1)")
     p.add_argument(
         "--candidates",
-        help=f"comma-separated subset of {','.join(CANDIDATES)} (default: all)",
+        help=f"comma-separated subset of {','.join(REGISTRY)}, or {LIKE_FOR_LIKE} (every "
+        "candidate a target compares); default: the default candidates of --precision",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="the precisions measured: auto (default; fp32, and bf16 where the device computes "
+        "it natively; named candidates at their own), all, or a comma list of fp32,bf16,int8. "
+        "int8 rows run in ONNX Runtime on the CPU and take minutes to build at full size",
     )
     p.add_argument("--no-train", action="store_true", help="skip the training steps")
     p.add_argument("--no-infer", action="store_true", help="skip the inference steps")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast for polynet on CUDA")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile'd polynet")
+    p.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)  # replaced: --precision
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add the torch.compile'd polynet of each precision measured; its first step "
+        "(the compilation) is reported on its own, not in the images/s",
+    )
     p.add_argument("--json", type=Path, metavar="OUT", help="write the report as JSON")
     p.add_argument("--markdown", type=Path, metavar="OUT", help="write the markdown table")
     p.add_argument(
@@ -53,13 +68,18 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         for key in ("image_size", "batch_size", "threads", "reps", "warmup", "device")
         if (value := getattr(args, key)) is not None
     }
+    if args.amp:
+        raise UserError(
+            "--amp is replaced by --precision: bf16 rows (polynet-bf16, port-cl-bf16, ...) run "
+            "under bf16 autocast; use --precision bf16 or auto"
+        )
     if args.candidates:
         overrides["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
     overrides.update(
         train=not args.no_train,
         infer=not args.no_infer,
         memory=not args.no_memory,
-        amp=args.amp,
+        precision=args.precision,
         compile=args.compile,
     )
     return BenchConfig.quick_config(**overrides) if args.quick else BenchConfig(**overrides)
