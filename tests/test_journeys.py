@@ -774,13 +774,18 @@ JOURNEY_GROUPS: dict[str, list[str]] = {
         "polynet bench",
         "polynet bench --json out.json --markdown out.md",
         "polynet bench --quick",
-        "polynet bench --device cuda --amp --compile --batch-size 32",
-        "polynet bench --device cuda --amp --compile --no-infer --candidates polynet,port",
+        "polynet bench --device cuda --compile --batch-size 32",
+        "polynet bench --device cuda --compile --no-infer --candidates polynet-bf16,port",
         "polynet bench --candidates polynet,polynet-fused,port --no-train --reps 5",
-        "polynet bench --device cuda --amp --batch-size 32 --candidates polynet,polynet-ckpt,port "
-        "--no-memory --reps 3 --warmup 1",
-        "polynet bench --device cuda --amp --batch-size 16 --candidates polynet,polynet-ckpt,port "
-        "--reps 1 --warmup 1",
+        "polynet bench --precision fp32 --no-memory",
+        "polynet bench --precision int8 --no-train",
+        "polynet bench --candidates like-for-like --json "
+        "benchmarks/results/cpu-331-b4-like-for-like.json --markdown "
+        "benchmarks/results/cpu-331-b4-like-for-like.md",
+        "polynet bench --device cuda --batch-size 32 --candidates "
+        "polynet-bf16,polynet-ckpt-bf16,port --no-memory --reps 3 --warmup 1",
+        "polynet bench --device cuda --batch-size 16 --candidates "
+        "polynet-bf16,polynet-ckpt-bf16,port --reps 1 --warmup 1",
     ],
 }
 # Documented commands this module does not run, and why (each is run in another way).
