@@ -26,10 +26,11 @@ from polynet.training.config import TrainConfig
 RESERVE_SECONDS = 5.0
 EPOCH_END_SECONDS = 0.5
 PACE_MARGIN = 1.15
-# The plan is made once more, after the first real steps, at their pace (the probe's pace was
-# off by -12 % to +14 % on this machine): early enough that no checkpoint has been written, so
-# a resumed run always continues the second plan.
-REPLAN_AFTER_STEPS = 120
+# The plan is made once more at the pace of the run's own steps (the probe's pace was off by
+# -12 % to +14 % on this machine, and 110 steps' pace by -8 %): at the first checkpoint (the end
+# of the first epoch, or ``checkpoint_every``) but at most this many steps in, just before it is
+# written, so a resumed run always continues the second plan.
+REPLAN_AFTER_STEPS = 1000
 REPLAN_PACE_MARGIN = 1.04
 _WARMUP_STEPS, _TIMED_STEPS = 5, 10  # the first steps pay for oneDNN set-up
 PROBE_STEPS = _WARMUP_STEPS + _TIMED_STEPS

@@ -644,7 +644,7 @@ class Trainer:
             else ""
         )
         self.log(
-            f"epoch {row['epoch']:g}: train loss {row['train_loss']:.4f}, train top-1 "
+            f"epoch {round(row['epoch'], 2):g}: train loss {row['train_loss']:.4f}, train top-1 "
             f"{row['train_top1']:.2f}%{val}, lr {row['lr']:.4g}, {seconds:.0f} s"
         )
         self.log.scalars(
