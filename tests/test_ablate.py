@@ -324,7 +324,7 @@ def test_cli_lists_a_study_and_rejects_bad_values(tmp_path, capsys):
     assert len(lines) == 5 and lines[-1].startswith("mixed")
     assert main(["ablate", "stages", "--out", str(tmp_path), "--seeds", "0"]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
-    assert polynet.ablation.runner.SMALL_RECIPE["steps"] > 0
+    assert polynet.ablation.runner.SMALL_RECIPE["epochs"] > 0
 
 
 @pytest.mark.parametrize("name", ["mixing", "depth", "scaling"])

@@ -97,6 +97,10 @@ def test_paper_preset_schedule_and_linear_lr_scaling():
     assert [scheduler.lr_lambdas[0](s) for s in (19, 20, 40, 69)] == pytest.approx(
         [1, 0.1, 0.01, 0.001]
     )
+    # A warm-up shorter than one step (0.1 epochs of a 2-step run) never exceeds the rate.
+    short = TrainConfig(steps=2, warmup=0.067, lr_schedule="cosine", lr=1.0)
+    scheduler, _ = build_scheduler(build_optimizer(model, short), short, steps_per_epoch=10)
+    assert scheduler.lr_lambdas[0](0) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,8 +67,8 @@ def lr_factor(
     points = sorted(decay_steps)
 
     def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
+        if step < warmup_steps:  # (a warm-up shorter than one step never exceeds the rate)
+            return min(1.0, (step + 1) / warmup_steps)
         if schedule == "step":
             return decay_rate ** bisect.bisect_right(points, step)
         progress = (step - warmup_steps) / max(1.0, total_steps - warmup_steps)
