@@ -272,6 +272,6 @@ def test_a_run_length_on_the_command_line_replaces_the_presets_in_any_unit():
     cfg = build_config("paper-imagenet", epochs=10)
     assert (cfg.steps, cfg.epochs) == (None, 10)
     quick = build_config(config_file=REPO / "configs" / "fashion-mnist.yaml")
-    assert quick.time_budget == 540 and quick.eval_flip
+    assert quick.time_budget == 570 and quick.eval_flip and quick.ema_decay == 0.998
     fixed = build_config(config_file=REPO / "configs" / "fashion-mnist.yaml", epochs=3)
     assert (fixed.time_budget, fixed.epochs) == (None, 3)
