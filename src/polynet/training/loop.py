@@ -507,8 +507,7 @@ class Trainer:
         self.eta = Eta(evaluation_work(cfg, self.val_set, len(self.train_indices)), cfg.batch_size)
         if state.global_step == 0:
             params = sum(p.numel() for p in self.raw_model.parameters())
-            precision = "bf16 autocast" if cfg.amp == "bf16" else "fp16 autocast"
-            precision = "fp32" if cfg.amp == "none" else precision
+            precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
             self.log(
                 f"training {self.model_name} ({params:,} parameters) on {cfg.data}: "
                 f"{len(self.train_indices):,} images, {self.total_steps:,} steps of "
