@@ -275,3 +275,20 @@ def test_a_run_length_on_the_command_line_replaces_the_presets_in_any_unit():
     assert quick.time_budget == 570 and quick.eval_flip and quick.ema_decay == 0.998
     fixed = build_config(config_file=REPO / "configs" / "fashion-mnist.yaml", epochs=3)
     assert (fixed.time_budget, fixed.epochs) == (None, 3)
+
+
+@pytest.mark.parametrize("unit", ["epochs", "steps", "time_budget"])
+@pytest.mark.parametrize("earlier", ["epochs", "steps", "time_budget"])
+def test_a_run_length_given_later_wins_over_a_config_files_in_every_unit(tmp_path, unit, earlier):
+    from polynet.training import build_config
+
+    # `--steps 200` over the quick start's file (a time budget) used to run the preset's
+    # 3 epochs: the file's length cleared the later layer's steps after the layers merged.
+    config = tmp_path / "run.yaml"
+    config.write_text(f"preset: fashion-mnist\n{earlier}: 7\n")
+    from_file = build_config(config_file=config)
+    assert getattr(from_file, earlier) == 7
+    cfg = build_config(config_file=config, **{unit: 200})
+    assert getattr(cfg, unit) == 200
+    for other in {"steps", "time_budget"} - {unit}:
+        assert getattr(cfg, other) is None, other

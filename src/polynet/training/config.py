@@ -446,15 +446,15 @@ def layer_values(
     check_keys(file_values, str(config_file))
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_keys(overrides, "the arguments")
-    values = {**PRESETS.get(preset or "", {}), **file_values, **overrides}
+    values = dict(PRESETS.get(preset or "", {}))
     # A run length given by a later layer replaces the one of an earlier layer, whatever its
-    # unit: `--epochs 10` over the paper's preset (560K steps) means 10 epochs, and over the
-    # quick start's file (a time budget) means 10 epochs too.
-    for later in (file_values, overrides):
-        given = {"epochs", "steps", "time_budget"} & set(later)
-        if given:
-            for key in {"steps", "time_budget"} - given:
-                values[key] = None
+    # unit: `--epochs 10` over the paper's preset (560K steps) means 10 epochs, and `--steps
+    # 200` over the quick start's file (a time budget) means 200 steps. Layer by layer, so an
+    # earlier layer's length never clears the one a later layer gives.
+    for layer in (file_values, overrides):
+        if {"epochs", "steps", "time_budget"} & set(layer):
+            values.update(steps=None, time_budget=None)
+        values.update(layer)
     return values
 
 
