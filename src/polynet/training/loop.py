@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
@@ -55,6 +54,7 @@ from polynet.training.distributed import (
     shutdown_distributed,
     train_batches,
 )
+from polynet.training.ema import ModelEma
 from polynet.training.evaluation import Evaluator
 from polynet.training.logs import RunLog, plot_curves
 from polynet.training.recipe import build_optimizer, build_scheduler, rescheduled
@@ -270,7 +270,7 @@ class Trainer:
         self.ema = None
         if cfg.ema_decay:
             # timm's EMA with its warm-up: early averages do not drag the random init along.
-            self.ema = ModelEmaV3(self.raw_model, decay=cfg.ema_decay, use_warmup=True)
+            self.ema = ModelEma(self.raw_model, decay=cfg.ema_decay, use_warmup=True)
         self.batches: Any = training_batches(cfg, self.data, self.data_cfg, self.dist.rank)
         self.evaluator = Evaluator(
             self.device,
