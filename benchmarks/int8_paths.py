@@ -74,17 +74,9 @@ def main() -> None:
 
 def _onnx_fp32(model: torch.nn.Module, x: torch.Tensor):
     """The same fused graph in ONNX Runtime at fp32: how much of int8's gain is the runtime."""
-    import tempfile
-    from pathlib import Path
+    from polynet.quantize import onnx_runtime_model
 
-    from polynet.export import export_onnx
-    from polynet.quantize import Int8Model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(
-            optimize_for_inference(model, prepack=False), Path(tmp) / "m.onnx", tuple(x.shape[1:])
-        )
-        return Int8Model(path.read_bytes(), model)  # a session wrapper, whatever the dtype
+    return onnx_runtime_model(optimize_for_inference(model, prepack=False), tuple(x.shape[1:]))
 
 
 def _pt2e(model: torch.nn.Module, calibration: list[torch.Tensor]):

@@ -56,3 +56,12 @@ def test_console_script_runs_as_a_module():
     assert (
         done.returncode == 2 and "unknown model" in done.stderr and "Traceback" not in done.stderr
     )
+
+
+def test_the_clis_precision_and_runtime_choices_are_the_librarys():
+    # Spelled out in polynet.cli so that --help does not import torch.
+    from polynet.cli import PRECISION_CHOICES, RUNTIME_CHOICES
+    from polynet.fuse import PRECISIONS, RUNTIMES
+
+    assert PRECISION_CHOICES == ("auto", *PRECISIONS)
+    assert RUNTIME_CHOICES == RUNTIMES

@@ -6,6 +6,7 @@ images are a large share; the issue's 0.5-point bound for int8 is for full-size 
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from polynet.errors import UserError
 from polynet.evaluation import SingleCrop, evaluate
 from polynet.fuse import CastModel, PackedConv2d, inference_model, optimize_for_inference
 from polynet.loading import load_model
-from polynet.quantize import Int8Model
+from polynet.quantize import OnnxRuntimeModel
 from polynet.training import train
 
 torch.set_num_threads(1)
@@ -80,7 +81,7 @@ def test_int8_runs_on_torch_tensors_close_to_fp32():
     model = _random_model()
     calibration = [torch.randn(16, 1, 28, 28) for _ in range(2)]
     int8 = optimize_for_inference(model, precision="int8", calibration=calibration)
-    assert isinstance(int8, Int8Model) and int8.num_classes == model.num_classes
+    assert isinstance(int8, OnnxRuntimeModel) and int8.num_classes == model.num_classes
     x = torch.randn(5, 1, 28, 28)  # another batch size than the calibration batches
     with torch.no_grad():
         got, reference = int8(x), model(x)
@@ -195,3 +196,39 @@ def test_cli_precision_is_printed_and_reported(trained, tmp_path, capsys):
     assert "polynet: precision bf16" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict", images[0], "--checkpoint", str(trained), "--precision", "fp16"])
+
+
+def test_fp32_in_onnx_runtime_equals_the_torch_copy():
+    model = _random_model()
+    ort = optimize_for_inference(model, runtime="onnxruntime")
+    assert isinstance(ort, OnnxRuntimeModel) and ort.num_classes == model.num_classes
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ort(x), optimize_for_inference(model)(x), atol=1e-4, rtol=0)
+        torch.testing.assert_close(ort(x), model(x), atol=1e-4, rtol=0)
+    with pytest.raises(UserError, match="no bf16 convolutions"):
+        optimize_for_inference(model, precision="bf16", runtime="onnxruntime")
+    with pytest.raises(UserError, match="unknown runtime 'tvm'"):
+        inference_model(model, "fp32", runtime="tvm")
+    assert resolve_precision("auto", "cpu", "onnxruntime") == "fp32"  # never bf16 there
+
+
+@needs_fashion
+def test_cli_onnx_runtime_is_printed_reported_and_agrees_with_torch(trained, tmp_path, capsys):
+    reports = {}
+    for runtime in ("torch", "onnxruntime"):
+        report = tmp_path / f"{runtime}.json"
+        args = ["eval", "--checkpoint", str(trained), "--data", "fashion-mnist", "--limit", "200"]
+        args += ["--precision", "fp32", "--runtime", runtime, "--no-progress", "--workers", "0"]
+        assert main([*args, "--json", str(report)]) == 0
+        reports[runtime] = json.loads(report.read_text())
+    assert reports["onnxruntime"]["runtime"]["engine"] == "onnxruntime"
+    assert reports["torch"]["runtime"]["engine"] == "torch"
+    top1 = {k: r["metrics"]["top1_accuracy"] for k, r in reports.items()}
+    assert abs(top1["onnxruntime"] - top1["torch"]) <= 0.5, top1  # one image of 200 at most
+    capsys.readouterr()
+    args = ["eval", "--checkpoint", str(trained), "--data", "fashion-mnist", "--limit", "8"]
+    assert main([*args, "--runtime", "onnxruntime", "--no-progress", "--workers", "0"]) == 0
+    assert "polynet: precision fp32 (auto), onnxruntime" in capsys.readouterr().err
+    assert main([*args, "--runtime", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "no bf16 convolutions" in capsys.readouterr().err

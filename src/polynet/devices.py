@@ -81,15 +81,20 @@ def default_precision(device: str | torch.device | None = "cpu") -> str:
     return "bf16" if native_bf16(device) else "fp32"
 
 
-def resolve_precision(precision: str, device: str | torch.device | None = "cpu") -> str:
+def resolve_precision(
+    precision: str, device: str | torch.device | None = "cpu", runtime: str = "torch"
+) -> str:
     """The precision a name asks for: ``"auto"`` is :func:`default_precision` of ``device``.
+
+    In ONNX Runtime (``runtime="onnxruntime"``), which has no bf16 convolutions on CPU,
+    ``"auto"`` is fp32.
 
     Raises:
         UserError: For a name other than auto, fp32, bf16 or int8, or int8 off the CPU.
 
     """
     if precision == "auto":
-        return default_precision(device)
+        return "fp32" if runtime == "onnxruntime" else default_precision(device)
     if precision not in ("fp32", "bf16", "int8"):
         raise UserError(f"unknown precision {precision!r}; use auto, fp32, bf16 or int8")
     if precision == "int8" and resolve_device(device).type != "cpu":

@@ -419,6 +419,9 @@ def is_fusable(model: nn.Module) -> bool:
 
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
+# Where the inference copy runs. ONNX Runtime's CPU convolutions beat oneDNN's through PyTorch
+# on the very deep model in fp32 (docs/benchmarks.md); int8 always runs there.
+RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
 
 
 class CastModel(nn.Module):
@@ -463,6 +466,24 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def check_runtime(runtime: str, precision: str = "fp32") -> str:
+    """Return ``runtime`` if it is one of :data:`RUNTIMES` and can run ``precision``.
+
+    Raises:
+        UserError: For another name, or bf16 in ONNX Runtime.
+
+    """
+    check_precision(precision)
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "onnxruntime" and precision == "bf16":
+        raise UserError(
+            "ONNX Runtime has no bf16 convolutions on CPU; use --runtime torch for bf16, or "
+            "--precision fp32/int8 with onnxruntime"
+        )
+    return runtime
+
+
 @torch.no_grad()
 def optimize_for_inference(
     model: nn.Module,
@@ -471,6 +492,8 @@ def optimize_for_inference(
     *,
     precision: str = "fp32",
     calibration: Iterable[torch.Tensor] | None = None,
+    runtime: str = "torch",
+    input_size: Sequence[int] | None = None,
 ) -> nn.Module:
     """Return an equivalent eval-only copy of ``model``, norms folded, parallel convs joined.
 
@@ -491,20 +514,30 @@ def optimize_for_inference(
             ``"int8"``: post-training static quantization calibrated on ``calibration``
             (:func:`polynet.quantize.quantize_int8`; CPU only).
         calibration: Preprocessed input batches (as the model sees them) for ``"int8"``.
+        runtime: ``"torch"``, or ``"onnxruntime"``: the folded fp32 copy exported to ONNX and
+            run by ONNX Runtime (:func:`polynet.quantize.onnx_runtime_model`; CPU, fp32). int8
+            runs in ONNX Runtime either way.
+        input_size: (C, H, W) the ONNX graph is exported at (``"onnxruntime"``); the model's
+            ``pretrained_cfg`` size by default.
 
     Returns:
-        The rewritten copy, in eval mode with gradients disabled; for ``"int8"`` a callable
-        taking and returning torch tensors.
+        The rewritten copy, in eval mode with gradients disabled; for ``"int8"`` and
+        ``"onnxruntime"`` a callable taking and returning torch tensors.
 
     Raises:
-        UserError: For an unknown precision, or int8 without calibration batches.
+        UserError: For an unknown precision or runtime, bf16 in ONNX Runtime, or int8 without
+            calibration batches.
 
     """
-    check_precision(precision)
+    check_runtime(runtime, precision)
     if precision == "int8":
         from polynet.quantize import quantize_int8
 
         return quantize_int8(optimize_for_inference(model, prepack=False), calibration)
+    if runtime == "onnxruntime":
+        from polynet.quantize import onnx_runtime_model
+
+        return onnx_runtime_model(optimize_for_inference(model, prepack=False), input_size)
     fused = _rewrite(copy.deepcopy(model).eval())
     fused.requires_grad_(False)
     if channels_last:
@@ -524,6 +557,8 @@ def inference_model(
     calibration: Iterable[torch.Tensor] | None = None,
     *,
     fuse: bool = True,
+    runtime: str = "torch",
+    input_size: Sequence[int] | None = None,
 ) -> nn.Module:
     """The model to run for inference at ``precision``: fused where it can be, else as built.
 
@@ -536,16 +571,28 @@ def inference_model(
         precision: ``"fp32"``, ``"bf16"`` or ``"int8"``.
         calibration: Preprocessed input batches, needed for ``"int8"``.
         fuse: Use :func:`optimize_for_inference` where it applies.
+        runtime: ``"torch"`` or ``"onnxruntime"`` (CPU; see :func:`optimize_for_inference`).
+        input_size: (C, H, W) of the inputs, for an ONNX Runtime graph.
 
     Raises:
-        UserError: For an unknown precision, or int8 without calibration batches.
+        UserError: For an unknown precision or runtime, ONNX Runtime off the CPU or in bf16,
+            or int8 without calibration batches.
 
     """
-    check_precision(precision)
+    check_runtime(runtime, precision)
+    on = next(model.parameters()).device
+    if runtime == "onnxruntime" and on.type != "cpu":
+        raise UserError(f"ONNX Runtime runs on the CPU and the model is on {on}; use --device cpu")
     if fuse and is_fusable(model):
         try:
             with torch.inference_mode(False):  # ordinary tensors: the copy's weights stay tracked
-                return optimize_for_inference(model, precision=precision, calibration=calibration)
+                return optimize_for_inference(
+                    model,
+                    precision=precision,
+                    calibration=calibration,
+                    runtime=runtime,
+                    input_size=input_size,
+                )
         except UserError:
             raise
         except ValueError:  # e.g. norms without running statistics: nothing to fold
@@ -558,4 +605,9 @@ def inference_model(
 
         with torch.inference_mode(False):  # the ONNX exporter traces ordinary tensors
             return quantize_int8(model.eval(), calibration)
+    if runtime == "onnxruntime":
+        from polynet.quantize import onnx_runtime_model
+
+        with torch.inference_mode(False):
+            return onnx_runtime_model(model.eval(), input_size)
     return model

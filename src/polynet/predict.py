@@ -51,6 +51,7 @@ def predict(
     labels: Sequence[str] | None = None,
     batch_size: int = 8,
     precision: str = "fp32",
+    runtime: str = "torch",
 ) -> list[list[Prediction]]:
     """Top-k classes of each image, preprocessed as the model's ``pretrained_cfg`` says.
 
@@ -65,6 +66,8 @@ def predict(
             inference copy, see :func:`polynet.fuse.inference_model`; int8 is calibrated on the
             first ``2 * batch_size`` images given, at least 16 when there are that many), or
             ``"auto"`` (:func:`polynet.devices.default_precision` of the model's device).
+        runtime: ``"torch"`` or ``"onnxruntime"`` (the inference copy exported to ONNX and run
+            by ONNX Runtime on the CPU; see :func:`polynet.fuse.optimize_for_inference`).
 
     Returns:
         For each image, its ``top_k`` predictions, most probable first.
@@ -81,9 +84,9 @@ def predict(
     transform = eval_transform(model.pretrained_cfg)
     model.eval()
     device = next(model.parameters()).device
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, runtime)
     runner = model
-    if precision != "fp32":
+    if precision != "fp32" or runtime != "torch":
         calibration = None
         if precision == "int8":
             count = max(2 * batch_size, CALIBRATION_IMAGES)
@@ -92,7 +95,7 @@ def predict(
                 torch.stack(images_in[i : i + batch_size])
                 for i in range(0, len(images_in), batch_size)
             ]
-        runner = inference_model(model, precision, calibration)
+        runner = inference_model(model, precision, calibration, runtime=runtime)
     results: list[list[Prediction]] = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(read_image(p)) for p in images[start : start + batch_size]])

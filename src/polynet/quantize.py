@@ -3,8 +3,10 @@
 :func:`quantize_int8` exports the folded, horizontally fused fp32 model
 (:func:`polynet.fuse.optimize_for_inference`) to ONNX, quantizes it statically with ONNX
 Runtime (QDQ, per-channel int8 weights, uint8 activations whose ranges come from the
-calibration batches) and returns an :class:`Int8Model`: a callable taking and returning torch
-tensors, run by an ``onnxruntime.InferenceSession`` (VNNI int8 kernels on x86).
+calibration batches) and returns an :class:`OnnxRuntimeModel`: a callable taking and returning
+torch tensors, run by an ``onnxruntime.InferenceSession`` (VNNI int8 kernels on x86).
+:func:`onnx_runtime_model` runs the fp32 graph in the same wrapper (``runtime="onnxruntime"`` of
+:func:`polynet.fuse.optimize_for_inference`).
 
 Why ONNX Runtime and not PyTorch's PT2E path: this PyTorch (2.14) no longer ships
 ``torch.ao.quantization.quantize_pt2e``; it lives in ``torchao`` (``pip install torchao``,
@@ -37,7 +39,7 @@ a Fashion-MNIST-trained small model (width_mult 0.0625, 64 steps) scored top-1 6
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,15 +64,16 @@ class _Batches:
         self._iter = iter(self.batches)
 
 
-class Int8Model:
-    """An int8 ONNX Runtime session behaving like an eval-mode classifier on torch tensors.
+class OnnxRuntimeModel:
+    """An ONNX Runtime session behaving like an eval-mode classifier on torch tensors.
 
-    Attributes of the fp32 model it was made from (``num_classes``, ``pretrained_cfg``, ...)
+    The graph is the fp32 export of a model or its int8 quantization. Attributes of the model
+    it was made from (``num_classes``, ``pretrained_cfg``, ...)
     are available on it; it has no parameters and cannot be trained.
 
     Args:
-        onnx_bytes: The quantized ONNX model.
-        source: The fp32 model it was quantized from (for its attributes).
+        onnx_bytes: The ONNX model (inputs ``input``, outputs ``logits``).
+        source: The fp32 model it was made from (for its attributes).
         threads: Intra-op threads for ONNX Runtime (default: ``torch.get_num_threads()``).
 
     """
@@ -90,25 +93,25 @@ class Int8Model:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Float32 logits for a float batch ``x`` (any batch size, the exported H x W)."""
         if x.device.type != "cpu":
-            raise UserError(f"the int8 model runs on the CPU; got an input on {x.device}")
+            raise UserError(f"the ONNX Runtime model runs on the CPU; got an input on {x.device}")
         (logits,) = self.session.run(["logits"], {"input": x.detach().float().contiguous().numpy()})
         return torch.from_numpy(logits)
 
     forward = __call__
 
-    def eval(self) -> Int8Model:
+    def eval(self) -> OnnxRuntimeModel:
         """No-op (always in eval mode), for code that calls ``model.eval()``."""
         return self
 
-    def to(self, device: torch.device | str | None = None, *args, **kwargs) -> Int8Model:
+    def to(self, device: torch.device | str | None = None, *args, **kwargs) -> OnnxRuntimeModel:
         """Stay on the CPU; any other device is refused."""
         if device is not None and torch.device(device).type != "cpu":
-            raise UserError("the int8 model runs on the CPU; use --device cpu")
+            raise UserError("the ONNX Runtime model runs on the CPU; use --device cpu")
         return self
 
     @property
     def source_model(self) -> nn.Module:
-        """The fp32 model this was quantized from (e.g. to count its FLOPs)."""
+        """The fp32 model this was made from (e.g. to count its FLOPs)."""
         return self._source
 
     def parameters(self):
@@ -136,7 +139,7 @@ def quantize_int8(
     model: nn.Module,
     calibration: Iterable[torch.Tensor] | None,
     threads: int | None = None,
-) -> Int8Model:
+) -> OnnxRuntimeModel:
     """Statically quantize ``model`` to int8 with ONNX Runtime, calibrated on real batches.
 
     Args:
@@ -187,7 +190,36 @@ def quantize_int8(
             calibrate_method=CalibrationMethod.MinMax,
         )
         data = int8.read_bytes()
-    return Int8Model(data, model, threads)
+    return OnnxRuntimeModel(data, model, threads)
 
 
-__all__ = ["Int8Model", "quantize_int8"]
+def onnx_runtime_model(
+    model: nn.Module, input_size: Sequence[int] | None = None, threads: int | None = None
+) -> OnnxRuntimeModel:
+    """``model`` exported to ONNX in fp32 and run by ONNX Runtime's CPU kernels.
+
+    Args:
+        model: An eval-mode model with a ``pretrained_cfg`` (ideally folded by
+            :func:`polynet.fuse.optimize_for_inference` with ``prepack=False``).
+        input_size: (C, H, W) of its inputs; the ``pretrained_cfg`` size by default.
+        threads: Intra-op threads (default: ``torch.get_num_threads()``).
+
+    Raises:
+        UserError: Without onnxruntime installed.
+
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        raise UserError(
+            f"runtime onnxruntime needs ONNX Runtime ({err}); pip install 'polynet[export]' or "
+            "use runtime torch"
+        ) from err
+    from polynet.export import export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="polynet-ort-") as tmp:
+        data = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size).read_bytes()
+    return OnnxRuntimeModel(data, model, threads)
+
+
+__all__ = ["OnnxRuntimeModel", "onnx_runtime_model", "quantize_int8"]

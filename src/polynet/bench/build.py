@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import copy
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -75,14 +73,9 @@ def onnx_runtime(cfg: BenchConfig, model: nn.Module) -> nn.Module:
     The session runs with the run's threads and ONNX Runtime's default graph optimisations (which
     fold the port's BatchNorms, as a user exporting it gets); ``source_model`` is ``model``.
     """
-    from polynet.export import export_onnx
-    from polynet.quantize import Int8Model
+    from polynet.quantize import onnx_runtime_model
 
-    size = (3, cfg.image_size, cfg.image_size)
-    with tempfile.TemporaryDirectory(prefix="polynet-bench-") as tmp:
-        data = export_onnx(model, Path(tmp) / "model.onnx", input_size=size).read_bytes()
-    # Int8Model is a plain ONNX Runtime session on torch tensors; nothing in it is int8-only.
-    return Int8Model(data, model, threads=cfg.threads)
+    return onnx_runtime_model(model, (3, cfg.image_size, cfg.image_size), threads=cfg.threads)
 
 
 class _Sources:
@@ -145,7 +138,10 @@ _BUILDERS: dict[str, Callable[[_Sources], nn.Module]] = {
     "polynet-naive": lambda s: _Naive(s.ours_cl()),
     "polynet-ckpt": _ckpt,
     "polynet-compiled": lambda s: compile_units(s.ours_cl()),
-    "polynet-ort": lambda s: onnx_runtime(s.cfg, optimize_for_inference(s.ours, prepack=False)),
+    # The library's own fp32 ONNX Runtime path (threads: torch's, which the bench sets).
+    "polynet-ort": lambda s: optimize_for_inference(
+        s.ours, runtime="onnxruntime", input_size=(3, s.cfg.image_size, s.cfg.image_size)
+    ),
     "port": lambda s: copy.deepcopy(s.port),
     "port-cl": lambda s: copy.deepcopy(s.port).to(memory_format=CL),
     "port-ort": lambda s: onnx_runtime(s.cfg, s.port),

@@ -52,7 +52,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# polynet.fuse's PRECISIONS (and "auto") and RUNTIMES, spelled out: the CLI answers --help without
+# importing torch; tests/test_cli.py checks that they agree.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
+RUNTIME_CHOICES = ("torch", "onnxruntime")
 
 
 def add_precision_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -64,6 +67,18 @@ def add_precision_argument(parser: argparse.ArgumentParser | argparse._ArgumentG
         help="what the model computes in: auto (default) is bf16 where the device has native "
         "bf16 (AVX512-BF16/AMX CPUs, bf16 GPUs), else fp32; bf16 weights and activations; int8 "
         "static quantization (CPU, ONNX Runtime, calibrated on real images)",
+    )
+
+
+def add_runtime_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Add ``--runtime {torch,onnxruntime}`` (shared by ``predict`` and ``eval``)."""
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIME_CHOICES,
+        default="torch",
+        help="what runs the model: torch (default), or onnxruntime: the folded fp32 model "
+        "exported to ONNX and run by ONNX Runtime on the CPU (faster than torch in fp32 on the "
+        "very deep model, docs/benchmarks.md); int8 runs in ONNX Runtime either way",
     )
 
 

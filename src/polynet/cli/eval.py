@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from polynet.cli import add_precision_argument, summary
+from polynet.cli import add_precision_argument, add_runtime_argument, summary
 from polynet.devices import resolve_device, resolve_precision
 from polynet.errors import UserError
 from polynet.evaluation import MultiCrop, SingleCrop
 from polynet.evaluation.api import REPORT_FILES, evaluate_weights, write_reports
 from polynet.evaluation.pooling import DEFAULT_TOP_FRACTION, SCORE_TYPES
+from polynet.fuse import check_runtime
 from polynet.outputs import check_output
 
 
@@ -89,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--workers", type=int, default=2, help="data-loading processes")
     run.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     add_precision_argument(run)
+    add_runtime_argument(run)
     run.add_argument("--limit", type=int, help="evaluate only the first N images of the split")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     run.add_argument(
@@ -123,8 +125,12 @@ def _check(args: argparse.Namespace) -> None:
     ):
         if value is not None and value < least:
             raise UserError(f"{flag} must be at least {least}, got {value}")
-    # A device that does not exist, or int8 off the CPU, fails now, not after loading.
-    resolve_precision(args.precision, resolve_device(args.device))
+    # A device that does not exist, int8 or ONNX Runtime off the CPU, or bf16 in ONNX Runtime
+    # fails now, not after loading.
+    device = resolve_device(args.device)
+    check_runtime(args.runtime, resolve_precision(args.precision, device, args.runtime))
+    if args.runtime == "onnxruntime" and device.type != "cpu":
+        raise UserError(f"--runtime onnxruntime runs on the CPU, not {device}; add --device cpu")
     # Outputs are checked before the evaluation starts; inputs are never written over.
     inputs = [args.checkpoint]
     if args.json:
@@ -174,10 +180,11 @@ def run_eval(args: argparse.Namespace) -> int:
 def _evaluate_and_report(
     args: argparse.Namespace, protocol: MultiCrop | SingleCrop, device: str | None
 ) -> None:
+    chosen = resolve_precision(args.precision, resolve_device(device), args.runtime)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        chosen = resolve_precision(args.precision, resolve_device(device))
         auto = " (auto)" if args.precision == "auto" else ""
-        print(f"polynet: precision {chosen}{auto}", file=sys.stderr)
+        engine = ", onnxruntime" if args.runtime == "onnxruntime" else ""
+        print(f"polynet: precision {chosen}{auto}{engine}", file=sys.stderr)
     report, result = evaluate_weights(
         args.checkpoint,
         args.data,
@@ -190,7 +197,8 @@ def _evaluate_and_report(
         limit=args.limit,
         progress=not args.no_progress,
         fuse=not args.no_fuse,
-        precision=args.precision,
+        precision=chosen,
+        runtime=args.runtime,
     )
     if dist.is_initialized() and dist.get_rank() != 0:
         return

@@ -1,7 +1,8 @@
 """``polynet predict IMAGE... --checkpoint FILE``: top-5 classes of each image.
 
-The first line printed is the precision the model runs in (``--precision``); int8 calibrates on
-the first images given (at least 16 of them where there are that many).
+The first line printed is the precision the model runs in (``--precision``, and ``--runtime``
+where it is ONNX Runtime); int8 calibrates on the first images given (at least 16 of them where
+there are that many).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from polynet.cli import add_precision_argument, summary
+from polynet.cli import add_precision_argument, add_runtime_argument, summary
 from polynet.devices import resolve_precision
 from polynet.loading import load_model
 from polynet.predict import predict
@@ -27,17 +28,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     add_precision_argument(p)
+    add_runtime_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print each image's top-k labels with probabilities."""
     model, weights = load_model(args.checkpoint, args.model)
-    precision = resolve_precision(args.precision, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    precision = resolve_precision(args.precision, device, args.runtime)
     # A status line, on stderr: stdout holds only the predictions, for scripts to read.
     auto = " (auto)" if args.precision == "auto" else ""
-    print(f"polynet: precision {precision}{auto}", file=sys.stderr)
-    results = predict(model, args.images, args.top_k, weights.class_names, precision=precision)
+    engine = ", onnxruntime" if args.runtime == "onnxruntime" else ""
+    print(f"polynet: precision {precision}{auto}{engine}", file=sys.stderr)
+    results = predict(
+        model,
+        args.images,
+        args.top_k,
+        weights.class_names,
+        precision=precision,
+        runtime=args.runtime,
+    )
     for image, top in zip(args.images, results, strict=True):
         print(image)
         for rank, p in enumerate(top, 1):

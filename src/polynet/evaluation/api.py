@@ -44,8 +44,8 @@ def evaluate_weights(
             :class:`~polynet.evaluation.MultiCrop`.
         model_name: The registered model to build; by default the one the file names.
         **eval_kwargs: Passed to :func:`~polynet.evaluation.evaluate` (``batch_size``,
-            ``device``, ``num_workers``, ``limit``, ``progress``, ``fuse``,
-            ``precision``). With ``precision="int8"`` the activation ranges are calibrated on
+            ``device``, ``num_workers``, ``limit``, ``progress``, ``fuse``, ``precision``,
+            ``runtime``). With ``precision="int8"`` the activation ranges are calibrated on
             256 evenly spaced images of the data set's ``train`` split (of the evaluated split
             where the data set has no training split, with a warning); ``"auto"`` is
             :func:`polynet.devices.default_precision` of the device.
@@ -78,6 +78,7 @@ def evaluate_weights(
         device=device,
     )
     report["runtime"]["precision"] = result.precision
+    report["runtime"]["engine"] = result.engine
     return report, result
 
 

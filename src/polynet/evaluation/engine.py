@@ -100,6 +100,7 @@ class EvalResult:
         seconds: Wall time of the evaluation loop.
         world_size: Processes that shared the work.
         precision: What the model computed in (``"fp32"``, ``"bf16"`` or ``"int8"``).
+        engine: What ran it: ``"torch"`` or ``"onnxruntime"`` (int8 always).
 
     """
 
@@ -110,6 +111,7 @@ class EvalResult:
     seconds: float = 0.0
     world_size: int = 1
     precision: str = "fp32"
+    engine: str = "torch"
 
     @property
     def images_per_second(self) -> float:
@@ -321,6 +323,7 @@ def evaluate(
     fuse: bool = True,
     precision: str = "fp32",
     calibration: Dataset | None = None,
+    runtime: str = "torch",
 ) -> EvalResult:
     """Evaluate a classifier on a data set of ``(PIL image, label)`` items.
 
@@ -349,12 +352,15 @@ def evaluate(
         calibration: For int8, a data set like ``dataset`` (e.g. its training split) whose
             evenly spaced 256 images, single-crop preprocessed, calibrate the activation
             ranges; by default those of ``dataset`` itself.
+        runtime: ``"torch"`` or ``"onnxruntime"`` (the folded fp32 model exported to ONNX and
+            run by ONNX Runtime on the CPU; see :func:`polynet.fuse.optimize_for_inference`).
 
     Returns:
         The counts and what was skipped.
 
     Raises:
-        UserError: For int8 off the CPU or an unknown precision.
+        UserError: For int8 or ONNX Runtime off the CPU, bf16 in ONNX Runtime, or an unknown
+            precision or runtime.
 
     """
     protocol = protocol or SingleCrop()
@@ -390,7 +396,9 @@ def evaluate(
         batches = calibration_batches(
             calibration if calibration is not None else dataset, calibration_transform, batch_size
         )
-    runner = inference_model(model, precision, batches, fuse=fuse)
+    runner = inference_model(
+        model, precision, batches, fuse=fuse, runtime=runtime, input_size=cfg["input_size"]
+    )
     forward = AdaptiveBatchForward(runner, batch_size)
     metrics = ClassificationMetrics(len(classes), DEFAULT_TOPK)
     unreadable: list[_Unreadable] = []
@@ -421,7 +429,8 @@ def evaluate(
         dist.all_gather_object(gathered, (found, seconds))
         found = [item for part, _ in gathered for item in part]
         seconds = max(part_seconds for _, part_seconds in gathered)
-    return EvalResult(metrics, classes, description, found, seconds, world, precision)
+    engine = "onnxruntime" if precision == "int8" else runtime
+    return EvalResult(metrics, classes, description, found, seconds, world, precision, engine)
 
 
 def _run_multi_crop(

@@ -118,7 +118,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- Runtime: {report['runtime']['seconds']:.1f} s, "
         f"{report['runtime']['images_per_second']:.1f} images/s on "
         f"{report['runtime']['processes']} process(es) {report['runtime']['device']}"
-        + (f", {report['runtime']['precision']}" if report["runtime"].get("precision") else ""),
+        + (f", {report['runtime']['precision']}" if report["runtime"].get("precision") else "")
+        + (f" in {report['runtime']['engine']}" if report["runtime"].get("engine") else ""),
         "",
         "| metric | top-1 | top-5 |",
         "|---|---|---|",
