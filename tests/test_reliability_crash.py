@@ -101,7 +101,7 @@ def _install_hook(mode: str, signals: Path) -> None:
                 _pause(signals / "paused")
 
         os.replace = replace
-    real_step = loop.Trainer._train_step
+    real_step = loop.Trainer.train_step
 
     def counted_step(self, images, labels):
         out = real_step(self, images, labels)
@@ -109,7 +109,7 @@ def _install_hook(mode: str, signals: Path) -> None:
             f.write(f"{time.monotonic()}\n")
         return out
 
-    loop.Trainer._train_step = counted_step
+    loop.Trainer.train_step = counted_step
 
 
 def _fork_training(values: dict, mode: str, signals: Path) -> int:
@@ -247,14 +247,14 @@ from polynet.training import loop
 
 step = int(os.environ.get("POLYNET_TEST_KILL_STEP", "0"))
 if step and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1":
-    real_step = loop.Trainer._train_step
+    real_step = loop.Trainer.train_step
 
     def dying_step(self, images, labels):
         if self.state.global_step + 1 == step:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_step(self, images, labels)
 
-    loop.Trainer._train_step = dying_step
+    loop.Trainer.train_step = dying_step
 if os.environ["TORCHELASTIC_RESTART_COUNT"] == "1" and os.environ["RANK"] == "1":
     time.sleep(2)  # rank 0 of the new attempt reaches the store first: stale keys would hang it
 from polynet.cli import main

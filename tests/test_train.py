@@ -216,7 +216,7 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeyp
     loop.train(fashion_run(tmp_path, "full", **run))
     full = load_checkpoint(tmp_path / "full" / "last.pt")
 
-    original = loop.Trainer._train_step
+    original = loop.Trainer.train_step
     calls = {"n": 0}
 
     def interrupted(self, images, labels):
@@ -225,12 +225,12 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeyp
             raise KeyboardInterrupt
         return original(self, images, labels)
 
-    monkeypatch.setattr(loop.Trainer, "_train_step", interrupted)
+    monkeypatch.setattr(loop.Trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         loop.train(fashion_run(tmp_path, "split", **run))
     saved = load_checkpoint(tmp_path / "split" / "last.pt")["train_state"]
     assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2)
-    monkeypatch.setattr(loop.Trainer, "_train_step", original)
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
     loop.train(fashion_run(tmp_path, "split", resume=True, **run))
     resumed = load_checkpoint(tmp_path / "split" / "last.pt")
 
@@ -533,7 +533,9 @@ def test_time_budget_plans_the_length_once_and_a_resume_keeps_it(tmp_path, capsy
 
 @needs_fashion
 def test_time_budget_is_planned_again_at_the_pace_of_the_first_steps(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(loop, "REPLAN_AFTER_STEPS", 20)
+    from polynet.training import planning
+
+    monkeypatch.setattr(planning, "REPLAN_AFTER_STEPS", 20)
     values = dict(QUICK, data="fashion-mnist", out=str(tmp_path / "run"), val_subset=32)
     result = loop.train(dict(values, time_budget=20.0, train_subset=160, batch_size=8))
     err = capsys.readouterr().err
@@ -557,7 +559,7 @@ def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, monkeypat
     assert any(not torch.equal(saved["model"][k], saved["train_model"][k]) for k in saved["model"])
     model, _ = polynet.load_model(tmp_path / "whole" / "last.pt")
     assert model.config == polynet.create_model("polynet_small", **TINY).config
-    original = loop.Trainer._train_step
+    original = loop.Trainer.train_step
     calls = {"n": 0}
 
     def interrupted(self, images, labels):
@@ -566,10 +568,10 @@ def test_ema_weights_are_evaluated_saved_and_resumed_exactly(tmp_path, monkeypat
             raise KeyboardInterrupt
         return original(self, images, labels)
 
-    monkeypatch.setattr(loop.Trainer, "_train_step", interrupted)
+    monkeypatch.setattr(loop.Trainer, "train_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         loop.train(fashion_run(tmp_path, "split", **run))
-    monkeypatch.setattr(loop.Trainer, "_train_step", original)
+    monkeypatch.setattr(loop.Trainer, "train_step", original)
     resumed = loop.train(dict(out=str(tmp_path / "split"), resume=True))
     again = load_checkpoint(tmp_path / "split" / "last.pt")
     for part in ("model", "train_model"):

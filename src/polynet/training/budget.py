@@ -212,6 +212,14 @@ def plan_steps(
     return planned_steps(speed, seconds, steps_per_epoch, per_epoch, final)
 
 
+def evaluations_left(cfg: TrainConfig, epoch: int, num_epochs: int, validates: bool) -> int:
+    """Per-epoch evaluations from ``epoch`` (0-based, included) to the end of the run."""
+    if not cfg.eval_every or not validates:
+        return 0
+    every = cfg.eval_every
+    return sum(1 for e in range(epoch, num_epochs) if (e + 1) % every == 0 or e == num_epochs - 1)
+
+
 class Eta:
     """Time left in a run: the training steps at their measured pace plus the evaluations.
 

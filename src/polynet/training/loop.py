@@ -1,6 +1,9 @@
-"""The training loop: data, model, recipe, logging, checkpoints, resume and distributed runs.
+"""A training job: data, model, recipe, logging, checkpoints, resume and distributed runs.
 
-``train(cfg)`` runs a whole job and returns a :class:`TrainResult`. The output folder holds:
+``train(cfg)`` runs a whole job and returns a :class:`TrainResult`. :class:`Trainer` builds
+what the run is made of and saves and restores it; :class:`~polynet.training.epochs.EpochLoop`
+drives its epochs, and :class:`~polynet.training.planning.BudgetPlan` sets a time-budgeted run's
+length. The output folder holds:
 
 - ``config.yaml``: the resolved configuration (a later run into the folder must match it).
 - ``last.pt`` (and ``last.prev.pt``, the one before) and ``best.pt``: polynet checkpoints.
@@ -18,10 +21,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,45 +30,36 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from polynet.devices import training_amp
 from polynet.errors import UserError
-from polynet.network import compile_units, describe_classes
-from polynet.training.batches import TensorTrainBatches
-from polynet.training.budget import (
-    PROBE_STEPS,
-    REPLAN_AFTER_STEPS,
-    REPLAN_PACE_MARGIN,
-    Eta,
-    evaluation_work,
-    measure_speed,
-    plan_steps,
-)
+from polynet.network import describe_classes
+from polynet.training.budget import measure_speed
 from polynet.training.config import TrainConfig, build_config
 from polynet.training.distributed import (
-    DistInfo,
     all_sum,
     barrier,
     eval_indices,
-    init_distributed,
     shutdown_distributed,
-    train_batches,
 )
 from polynet.training.ema import ModelEma
+from polynet.training.epochs import EpochLoop, TrainResult
 from polynet.training.evaluation import Evaluator
 from polynet.training.logs import RunLog, plot_curves
+from polynet.training.planning import BudgetPlan, probe_batches
 from polynet.training.recipe import build_optimizer, build_scheduler, rescheduled
 from polynet.training.rundir import RUN_FILES, RunFolder, resumed_config
 from polynet.training.setup import (
     build_data,
     data_config,
     initial_model,
+    placed_for_training,
     set_threads,
+    start_process,
     train_device,
     training_batches,
 )
-from polynet.training.state import TrainState, rng_state, seed_everything, set_rng_state
+from polynet.training.state import TrainState, rng_state, set_rng_state
 from polynet.zoo import check_model_name, create_model
 
 __all__ = ["RUN_FILES", "TrainResult", "Trainer", "TrainingDiverged", "plot_curves", "train"]
@@ -75,38 +67,6 @@ __all__ = ["RUN_FILES", "TrainResult", "Trainer", "TrainingDiverged", "plot_curv
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports.
-
-    Attributes:
-        out: The output folder.
-        config: The run's whole configuration (a resumed run's is the saved one).
-        final_top1: Top-1 (%) of the final weights on the whole validation split (or None).
-        final_loss: Mean loss there.
-        val_images: Images in that evaluation.
-        best_top1: Best per-epoch validation top-1 (%).
-        steps: Optimizer steps run in total.
-        epochs: Epochs run (fractional for a step-limited run).
-        images_per_second: Training throughput of this process's session.
-        seconds: Wall time of this session.
-        history: Per-epoch metrics.
-
-    """
-
-    out: Path
-    config: TrainConfig
-    final_top1: float | None = None
-    final_loss: float | None = None
-    val_images: int = 0
-    best_top1: float | None = None
-    steps: int = 0
-    epochs: float = 0.0
-    images_per_second: float = 0.0
-    seconds: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train(
@@ -159,7 +119,18 @@ def train(
         trainer.close()
 
 
-_PACE_FROM_STEP = 10  # a re-plan times the steps after this one (the first pay for set-up)
+def divergence_message(loss: float, where: str, saved: Path | None) -> str:
+    """What to do when the loss became ``loss`` at ``where``; ``saved``: the last checkpoint."""
+    if saved is None:
+        return (
+            f"the training loss became {loss} {where}, before any checkpoint was saved; "
+            "start again with a lower learning rate (--lr) or check the data"
+        )
+    return (
+        f"the training loss became {loss} {where}; stopped without saving (the last good "
+        f"checkpoint is {saved}): check the data, or train on from those weights with a "
+        f"lower learning rate in a new run (--init-from {saved} --lr ... --out ...)"
+    )
 
 
 class Trainer:
@@ -174,31 +145,12 @@ class Trainer:
         self.cfg = cfg
         self.start_time = time.time()
         self.unflipped_top1: float | None = None  # with eval_flip: the last top-1 without
-        self.plan_note = ""  # the time budget's plan, logged after the run's first line
-        self.replan_at: int | None = None  # the step after which the plan is made again
         set_threads(cfg)
         self.device = train_device(cfg)
         # "auto" becomes what it chose, so config.yaml records it and a resume keeps it.
         self.amp_chosen_by = "auto: " if cfg.amp == "auto" else ""
         cfg = self.cfg = dataclasses.replace(cfg, amp=training_amp(cfg.amp, self.device))
-        self.dist: DistInfo = init_distributed(self.device)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
-            torch.cuda.set_device(self.device)
-        if cfg.sync_bn and self.dist.enabled and self.device.type != "cuda":
-            raise UserError("sync_bn needs CUDA (SyncBatchNorm has no CPU version); drop --sync-bn")
-        if cfg.batch_size % self.dist.world_size:
-            raise UserError(
-                f"batch_size {cfg.batch_size} does not split evenly over "
-                f"{self.dist.world_size} processes; use a multiple of {self.dist.world_size}"
-            )
-        if cfg.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-        seed_everything(cfg.seed + self.dist.rank)
+        self.device, self.dist = start_process(cfg, self.device)
         self.out = Path(cfg.out)
         self.folder = RunFolder(self.out, self.dist.is_main)
         self.log = RunLog(self.out, self.dist.is_main)
@@ -211,6 +163,14 @@ class Trainer:
             self._build_data()
             self._build_model()
             self.optimizer = build_optimizer(self.model, cfg)
+            self.plan = BudgetPlan(
+                cfg,
+                self.start_time,
+                self.steps_per_epoch,
+                self.val_set,
+                self.train_indices,
+                self.dist,
+            )
             if cfg.time_budget and not (cfg.resume and self.folder.newest_saved()):
                 self._plan_length()  # a resumed run keeps the length planned at its start
                 cfg = self.cfg
@@ -250,23 +210,10 @@ class Trainer:
             # A folder-trained model's classes are its own (timm's label_names), not the
             # registered data set's.
             describe_classes(model.pretrained_cfg, len(self.classes), self.classes)
-        self.raw_model = model.to(self.device)
         self.data_cfg = data_config(model)
-        channels_last = (
-            cfg.channels_last if cfg.channels_last is not None else self.device.type == "cuda"
+        self.model, self.raw_model, self.memory_format = placed_for_training(
+            cfg, model, self.device, self.dist
         )
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.raw_model.to(memory_format=self.memory_format)
-        model = self.raw_model
-        if cfg.sync_bn and self.dist.enabled:
-            model = self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if cfg.compile:
-            model = compile_units(model)  # regional: the units compile in place
-        if self.dist.enabled:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self.model = model
         self.ema = None
         if cfg.ema_decay:
             # timm's EMA with its warm-up: early averages do not drag the random init along.
@@ -290,61 +237,30 @@ class Trainer:
     def _plan_length(self) -> None:
         """Set ``epochs`` so that the run ends inside ``time_budget`` on this machine."""
         cfg = self.cfg
-        order = train_batches(len(self.train_indices), cfg.batch_size, cfg.seed, 0, self.dist)
-        # A small training set has fewer batches than the probe times: it sees them again.
-        first = [self.train_indices[order[i % len(order)]] for i in range(PROBE_STEPS)]
-        if isinstance(self.batches, TensorTrainBatches):
-            probe_batches = (self.batches(b, 0, i) for i, b in enumerate(first))
-        else:
-            probe_batches = self.batches.epoch(first, 0)
         speed = measure_speed(
             self.raw_model,
             lambda m: build_optimizer(m, cfg),
-            probe_batches,
+            probe_batches(cfg, self.batches, self.train_indices, self.dist),
             self._autocast,
             self.device,
             self.memory_format,
             self.evaluator.runner,
             self.evaluator.eval_batch_size,
         )
-        left = cfg.time_budget - (time.time() - self.start_time)
-        steps = plan_steps(cfg, speed, left, self.steps_per_epoch, self.val_set, self.train_indices)
-        # Every process runs the main process's plan.
-        steps = int(all_sum(self.dist, float(steps) if self.dist.is_main else 0.0)[0])
-        self.cfg = dataclasses.replace(cfg, epochs=steps / self.steps_per_epoch)
-        self.speed = speed
-        first_save = min(cfg.checkpoint_every or self.steps_per_epoch, self.steps_per_epoch)
-        # Re-planned within the first epoch, whose batches are drawn in full.
-        if _PACE_FROM_STEP + 10 <= min(REPLAN_AFTER_STEPS, first_save) and (
-            steps >= self.steps_per_epoch
-        ):
-            self.replan_at = min(REPLAN_AFTER_STEPS, first_save)
-        self.plan_note = (
-            f"time budget {cfg.time_budget:g} s: planned at "
-            f"{cfg.batch_size / speed.step_seconds:.0f} training, "
-            f"{1 / speed.eval_image_seconds:.0f} validation and "
-            f"{1 / speed.recalibration_image_seconds:.0f} recalibration images/s (measured "
-            f"here, less a margin): {self.cfg.epochs:.2f} epochs ({steps:,} steps)"
-        )
+        self.cfg = dataclasses.replace(cfg, epochs=self.plan.first(speed) / self.steps_per_epoch)
 
-    def _replan(self, pace_seconds: float) -> None:
+    def replan(self, pace_seconds: float) -> None:
         """Fit the rest of the run to the budget at the pace of its steps so far."""
-        cfg, state = self.cfg, self.state
-        speed = dataclasses.replace(self.speed, step_seconds=pace_seconds * REPLAN_PACE_MARGIN)
-        left = cfg.time_budget - (time.time() - self.start_time)
-        more = plan_steps(cfg, speed, left, self.steps_per_epoch, self.val_set, self.train_indices)
-        more = int(all_sum(self.dist, float(more) if self.dist.is_main else 0.0)[0])
-        epochs = (state.global_step + more) / self.steps_per_epoch
-        self.cfg = dataclasses.replace(cfg, epochs=epochs)
+        steps = self.plan.again(self.state.global_step, pace_seconds)
+        self.cfg = dataclasses.replace(self.cfg, epochs=steps / self.steps_per_epoch)
         self.scheduler, self.total_steps = rescheduled(
             self.optimizer, self.scheduler, self.cfg, self.steps_per_epoch
         )
         self.folder.write_config(self.cfg)  # before any checkpoint: a resume continues this plan
-        self.replan_at = None
         self.log(
-            f"time budget: re-planned after {state.global_step} steps at "
-            f"{cfg.batch_size / pace_seconds:.0f} training images/s: {self.cfg.epochs:.2f} "
-            f"epochs ({self.total_steps:,} steps)"
+            f"time budget: re-planned after {self.state.global_step} steps at "
+            f"{self.cfg.batch_size / pace_seconds:.0f} training images/s: "
+            f"{self.cfg.epochs:.2f} epochs ({self.total_steps:,} steps)"
         )
 
     # ----------------------------------------------------------------------------------------
@@ -457,7 +373,8 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     # Training
 
-    def _switch_path_drop(self, epoch: int, reason: str) -> None:
+    def switch_path_drop(self, epoch: int, reason: str) -> None:
+        """Turn stochastic paths on from ``epoch`` (0-based) and say why in the log."""
         self.raw_model.set_path_drop(self.cfg.path_drop)
         self.state.path_drop_on, self.state.path_drop_epoch = True, epoch
         self.log(
@@ -465,7 +382,13 @@ class Trainer:
             f"first unit rising to {self.cfg.path_drop} at the last"
         )
 
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+        """One optimizer step on a batch: its mean loss and correct predictions.
+
+        Raises:
+            TrainingDiverged: If the loss is not finite in any process (nothing is updated).
+
+        """
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         labels = labels.to(self.device, non_blocking=True)
         with self._autocast():
@@ -474,7 +397,10 @@ class Trainer:
         loss_value = loss.item()
         finite = all_sum(self.dist, float(math.isfinite(loss_value)))[0] == self.dist.world_size
         if not finite:
-            raise TrainingDiverged(self._divergence_message(loss_value))
+            where = f"at step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
+            raise TrainingDiverged(
+                divergence_message(loss_value, where, self.folder.newest_saved())
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -485,214 +411,6 @@ class Trainer:
         correct = (logits.detach().argmax(1) == labels).sum().item()
         return loss_value, correct
 
-    def _divergence_message(self, loss: float) -> str:
-        where = f"at step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
-        saved = self.folder.newest_saved()
-        if saved is None:
-            return (
-                f"the training loss became {loss} {where}, before any checkpoint was saved; "
-                "start again with a lower learning rate (--lr) or check the data"
-            )
-        return (
-            f"the training loss became {loss} {where}; stopped without saving (the last good "
-            f"checkpoint is {saved}): check the data, or train on from those weights with a "
-            f"lower learning rate in a new run (--init-from {saved} --lr ... --out ...)"
-        )
-
     def run(self) -> TrainResult:
         """Train to the end of the configured run and evaluate the final weights."""
-        cfg, state = self.cfg, self.state
-        num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        session_images, session_start = 0, time.time()
-        self.eta = Eta(evaluation_work(cfg, self.val_set, len(self.train_indices)), cfg.batch_size)
-        if state.global_step == 0:
-            params = sum(p.numel() for p in self.raw_model.parameters())
-            precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
-            self.log(
-                f"training {self.model_name} ({params:,} parameters) on {cfg.data}: "
-                f"{len(self.train_indices):,} images, {self.total_steps:,} steps of "
-                f"{cfg.batch_size} ({self.total_steps / self.steps_per_epoch:.3g} epochs), lr "
-                f"{cfg.learning_rate:g}, {self.dist.world_size} process(es) on {self.device} "
-                f"({torch.get_num_threads()} threads, {self.amp_chosen_by}{precision})"
-            )
-            if self.plan_note:
-                self.log(self.plan_note)
-        while state.global_step < self.total_steps:
-            epoch = state.epoch
-            if (
-                not state.path_drop_on
-                and cfg.path_drop_epoch is not None
-                and epoch >= cfg.path_drop_epoch
-                and cfg.path_drop > 0
-            ):
-                self._switch_path_drop(epoch, f"path_drop_epoch {cfg.path_drop_epoch:g}")
-            order = train_batches(
-                len(self.train_indices), cfg.batch_size, cfg.seed, epoch, self.dist
-            )
-            steps_here = min(
-                len(order), self.total_steps - (state.global_step - state.step_in_epoch)
-            )
-            start = state.step_in_epoch
-            batches = [self.train_indices[b] for b in order[start:steps_here]]
-            if isinstance(self.batches, TensorTrainBatches):
-                stream = (self.batches(b, epoch, start + i) for i, b in enumerate(batches))
-            else:
-                stream = self.batches.epoch(batches, epoch)
-            self.model.train()
-            bar = tqdm(
-                total=steps_here,
-                initial=start,
-                desc=f"epoch {epoch + 1}/{num_epochs}",
-                disable=not (self.dist.is_main and cfg.progress),
-                dynamic_ncols=True,
-                leave=False,
-                file=sys.stderr,
-            )
-            tick = step_start = pace_mark = time.time()
-            for images, labels in stream:
-                if state.global_step >= self.total_steps:  # a re-plan shortened the run
-                    break
-                loss, correct = self._train_step(images, labels)
-                n = len(labels)
-                state.add_batch(loss, correct, n)
-                session_images += n * self.dist.world_size
-                now = time.time()
-                self.eta.step(now - step_start)
-                step_start = now
-                if state.global_step == _PACE_FROM_STEP:
-                    pace_mark = now
-                if state.global_step == self.replan_at:
-                    self._replan((now - pace_mark) / (state.global_step - _PACE_FROM_STEP))
-                    num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-                rate = self.eta.images_per_second * self.dist.world_size
-                remaining = self.eta.seconds_left(
-                    self.total_steps - state.global_step, self._evaluations_left(num_epochs)
-                )
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{state.loss_sum / state.images:.3f}",
-                    acc=f"{100 * state.correct / state.images:.1f}",
-                    img_s=f"{rate:.0f}",
-                    eta=f"{remaining / 60:.1f}m",
-                    refresh=False,
-                )
-                if state.global_step % cfg.log_every == 0:
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self.log.scalars(
-                        state.global_step,
-                        "train",
-                        dict(loss=loss, lr=lr, images_per_second=rate),
-                    )
-                if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
-                    if state.step_in_epoch < steps_here:  # the epoch end saves anyway
-                        self.save()
-            bar.close()
-            self._end_epoch(epoch, state.step_in_epoch == len(order), time.time() - tick)
-            step_start = time.time()
-        result = self._finish(session_images, time.time() - session_start)
-        return result
-
-    def _evaluations_left(self, num_epochs: int) -> int:
-        """Per-epoch evaluations from the current epoch (included) to the end of the run."""
-        every = self.cfg.eval_every
-        if not every or self.val_set is None:
-            return 0
-        epochs = range(self.state.epoch, num_epochs)
-        return sum(1 for e in epochs if (e + 1) % every == 0 or e == num_epochs - 1)
-
-    def _end_epoch(self, epoch: int, complete: bool, seconds: float) -> None:
-        cfg, state = self.cfg, self.state
-        loss_sum, correct, count = all_sum(self.dist, state.loss_sum, state.correct, state.images)
-        row: dict[str, Any] = dict(
-            epoch=epoch + (1 if complete else state.step_in_epoch / self.steps_per_epoch),
-            step=state.global_step,
-            lr=self.optimizer.param_groups[0]["lr"],
-            train_loss=loss_sum / max(count, 1),
-            train_top1=100 * correct / max(count, 1),
-            path_drop=self.raw_model.path_drop_rate,
-            seconds=seconds,
-        )
-        is_best = False
-        last_epoch = state.global_step >= self.total_steps
-        if (
-            self.val_set is not None
-            and cfg.eval_every
-            and ((epoch + 1) % cfg.eval_every == 0 or last_epoch)
-        ):
-            started = time.time()
-            row["val_loss"], row["val_top1"], row["val_images"] = self.evaluate(cfg.val_subset)
-            self.eta.evaluated(time.time() - started)
-            is_best = state.best_top1 is None or row["val_top1"] > state.best_top1
-            if is_best:
-                state.best_top1 = row["val_top1"]
-            gap = row["train_top1"] - row["val_top1"]
-            if (
-                cfg.path_drop_gap is not None
-                and not state.path_drop_on
-                and cfg.path_drop > 0
-                and gap > cfg.path_drop_gap
-                and not last_epoch
-            ):
-                self._switch_path_drop(
-                    epoch + 1, f"train-val top-1 gap {gap:.1f} > {cfg.path_drop_gap:g}"
-                )
-        state.history.append(row)
-        val = (
-            f", val loss {row['val_loss']:.4f}, val top-1 {row['val_top1']:.2f}%"
-            if "val_top1" in row
-            else ""
-        )
-        self.log(
-            f"epoch {round(row['epoch'], 2):g}: train loss {row['train_loss']:.4f}, train top-1 "
-            f"{row['train_top1']:.2f}%{val}, lr {row['lr']:.4g}, {seconds:.0f} s"
-        )
-        self.log.scalars(
-            state.global_step, "epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}
-        )
-        state.next_epoch()
-        self.save(best=is_best)
-        self.log.metrics(state.history)
-
-    def _finish(self, session_images: int, seconds: float) -> TrainResult:
-        cfg, state = self.cfg, self.state
-        result = TrainResult(
-            out=self.out,
-            config=cfg,
-            best_top1=state.best_top1,
-            steps=state.global_step,
-            epochs=state.global_step / self.steps_per_epoch,
-            images_per_second=session_images / max(seconds, 1e-9),
-            seconds=seconds,
-            history=list(state.history),
-        )
-        if self.val_set is not None and cfg.final_eval:  # on the whole split unless val_subset
-            last = state.history[-1] if state.history else {}
-            if last.get("step") == state.global_step and "val_top1" in last:
-                # The last epoch already evaluated these weights on the same images.
-                result.final_loss, result.final_top1 = last["val_loss"], last["val_top1"]
-                result.val_images = last["val_images"]
-            else:
-                result.final_loss, result.final_top1, result.val_images = self.evaluate(
-                    cfg.val_subset
-                )
-            flip = ""
-            if cfg.eval_flip and self.unflipped_top1 is not None:
-                flip = f" with test-time flips ({self.unflipped_top1:.2f}% without)"
-            self.log(
-                f"final weights: top-1 {result.final_top1:.2f}% on the {result.val_images:,} "
-                f"{'test' if 'mnist' in cfg.data.lower() else 'validation'} images{flip}"
-            )
-        self.folder.write_result(
-            dict(
-                final_top1=result.final_top1,
-                final_loss=result.final_loss,
-                val_images=result.val_images,
-                best_top1=result.best_top1,
-                steps=result.steps,
-                images_per_second=result.images_per_second,
-                seconds=seconds,
-            )
-        )
-        if self.dist.is_main:
-            plot_curves(state.history, self.out / "curve.png")
-        return result
+        return EpochLoop(self).run()
