@@ -3,8 +3,9 @@
 A run given ``time_budget`` seconds measures, before it starts, how long one training step and
 one evaluated image take on this machine (on a throwaway copy of the model, so the run itself
 is untouched), and sets its length so that training, the per-epoch evaluations and the final
-one end inside the budget. The plan is then fixed: it is written into the run's
-``config.yaml`` as ``epochs``, so a resumed run keeps it on any machine.
+one end inside the budget; the run re-plans at its own pace at its checkpoints
+(:mod:`polynet.training.planning`). Each plan is written into the run's ``config.yaml`` as
+``epochs``, so a resumed run keeps the last one on any machine.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from polynet.training.config import TrainConfig
 RESERVE_SECONDS = 5.0
 EPOCH_END_SECONDS = 0.5
 PACE_MARGIN = 1.15
-# The plan is made once more at the pace of the run's own steps (the probe's pace was off by
-# -12 % to +14 % on this machine, and 110 steps' pace by -8 %): at the first checkpoint (the end
-# of the first epoch, or ``checkpoint_every``) but at most this many steps in, just before it is
-# written, so a resumed run always continues the second plan.
+# The plan is made again at the pace of the run's own steps (the probe's pace was off by -12 %
+# to +14 % on this machine, 110 steps' pace by -8 %, and epochs drift by up to 40 %): at the
+# first checkpoint but at most this many steps in, then at every checkpoint (polynet.training.
+# planning), each time just before it is written, so a resume continues the plan it saved.
 REPLAN_AFTER_STEPS = 1000
 REPLAN_PACE_MARGIN = 1.04
 _WARMUP_STEPS, _TIMED_STEPS = 5, 10  # the first steps pay for oneDNN set-up

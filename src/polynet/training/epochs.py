@@ -82,6 +82,7 @@ class EpochLoop:
         cfg, state = t.cfg, t.state
         num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
         session_images, session_start = 0, time.time()
+        pace_mark: tuple[float, int] | None = None  # (step seconds, steps) where the pace starts
         if state.global_step == 0:
             params = sum(p.numel() for p in t.raw_model.parameters())
             precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
@@ -121,7 +122,7 @@ class EpochLoop:
                 leave=False,
                 file=sys.stderr,
             )
-            tick = step_start = pace_mark = time.time()
+            tick = step_start = time.time()
             for images, labels in stream:
                 if state.global_step >= t.total_steps:  # a re-plan shortened the run
                     break
@@ -133,9 +134,12 @@ class EpochLoop:
                 self.eta.step(now - step_start)
                 step_start = now
                 if state.global_step == PACE_FROM_STEP:
-                    pace_mark = now
-                if state.global_step == t.plan.replan_at:
-                    t.replan((now - pace_mark) / (state.global_step - PACE_FROM_STEP))
+                    pace_mark = (self.eta.step_seconds, self.eta.steps)
+                if state.global_step == t.plan.replan_at and pace_mark is not None:
+                    # The steps' own pace since the last plan: evaluations are costed apart.
+                    seconds, steps = self.eta.step_seconds, self.eta.steps
+                    t.replan((seconds - pace_mark[0]) / max(1, steps - pace_mark[1]))
+                    pace_mark = (seconds, steps)
                     num_epochs = math.ceil(t.total_steps / t.steps_per_epoch)
                 rate = self.eta.images_per_second * t.dist.world_size
                 remaining = self.eta.seconds_left(

@@ -1,11 +1,13 @@
-"""A time-budgeted run's length: planned before its first step, and once more at its own pace.
+"""A time-budgeted run's length: planned before its first step, then again at its own pace.
 
 The first plan uses the speed :func:`~polynet.training.budget.measure_speed` measured on a copy
-of the model. The probe's pace was off by -12 % to +14 % on the development machine, so the run
-plans once more at the pace of its own steps, at its first checkpoint (the end of the first
-epoch, or ``checkpoint_every``) but at most ``REPLAN_AFTER_STEPS`` in, just before that
-checkpoint is written: a resumed run always continues the second plan. Every process runs the
-main process's plan.
+of the model. The probe's pace was off by -12 % to +14 % on the development machine, and the
+pace of a run's epochs drifts by up to 40 % there (50 to 72 s for the same epochs), so the run
+plans again at the pace of its own steps since the last plan: first at its first checkpoint (the
+end of the first epoch, or ``checkpoint_every``) but at most ``REPLAN_AFTER_STEPS`` in, then at
+every ``checkpoint_every`` or epoch end, each time just before that checkpoint is written, so a
+resumed run always continues the plan it was saved with. Every process runs the main process's
+plan.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class BudgetPlan:
         dist: The process group.
 
     Attributes:
-        replan_at: The step after which :meth:`again` is due (None: not again).
+        replan_at: The step after which :meth:`again` is due (None: never).
         note: The first plan, in words, for the run's log.
 
     """
@@ -80,6 +82,7 @@ class BudgetPlan:
         )
         self.speed: Speed | None = None
         self.replan_at: int | None = None
+        self.every = 0  # steps between the later plans: the run's checkpoint interval
         self.note = ""
 
     def first(self, speed: Speed) -> int:
@@ -91,7 +94,7 @@ class BudgetPlan:
         # Within the first epoch, whose batches are drawn in full, and after enough steps to
         # time them.
         if PACE_FROM_STEP + 10 <= min(REPLAN_AFTER_STEPS, first_save) and steps >= per_epoch:
-            self.replan_at = min(REPLAN_AFTER_STEPS, first_save)
+            self.replan_at, self.every = min(REPLAN_AFTER_STEPS, first_save), first_save
         self.note = (
             f"time budget {cfg.time_budget:g} s: planned at "
             f"{cfg.batch_size / speed.step_seconds:.0f} training, "
@@ -102,10 +105,13 @@ class BudgetPlan:
         return steps
 
     def again(self, global_step: int, pace_seconds: float) -> int:
-        """Steps of the whole run, planned anew at ``pace_seconds`` a step after ``global_step``."""
+        """Steps of the whole run, planned anew at ``pace_seconds`` a step after ``global_step``.
+
+        The next plan is due at the next checkpoint (a multiple of ``every``).
+        """
         assert self.speed is not None, "again() follows first()"
         speed = dataclasses.replace(self.speed, step_seconds=pace_seconds * REPLAN_PACE_MARGIN)
-        self.replan_at = None
+        self.replan_at = (global_step // self.every + 1) * self.every
         return global_step + self._steps_fitting(speed)
 
     def _steps_fitting(self, speed: Speed) -> int:
