@@ -589,7 +589,7 @@ KILLER = """
 import os, signal, sys
 from polynet.training import loop
 
-real_step = loop.Trainer._train_step
+real_step = loop.Trainer.train_step
 
 
 def dying_step(self, images, labels):
@@ -598,7 +598,7 @@ def dying_step(self, images, labels):
     return real_step(self, images, labels)
 
 
-loop.Trainer._train_step = dying_step
+loop.Trainer.train_step = dying_step
 from polynet.cli import main
 sys.exit(main(sys.argv[1:]))
 """
