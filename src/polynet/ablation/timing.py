@@ -165,7 +165,8 @@ def load_or_measure(
     if not rerun and all(cached.get(n, {}).get("fingerprint") == f for n, f in wanted.items()):
         return
     say(
-        f"timing {len(configs)} configs: {rounds} interleaved rounds of {iters} iterations at "
+        f"timing {len(configs)} config{'s' if len(configs) != 1 else ''}: {rounds} interleaved "
+        f"rounds of {iters} iterations at "
         f"batch {cfg.batch_size} on {setup['device']}"
     )
     start = time.perf_counter()
