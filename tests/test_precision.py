@@ -232,3 +232,17 @@ def test_cli_onnx_runtime_is_printed_reported_and_agrees_with_torch(trained, tmp
     assert "polynet: precision fp32 (auto), onnxruntime" in capsys.readouterr().err
     assert main([*args, "--runtime", "onnxruntime", "--precision", "bf16"]) == 2
     assert "no bf16 convolutions" in capsys.readouterr().err
+    images = []
+    for i, (image, _) in zip(range(3), build_dataset("fashion-mnist", "val"), strict=False):
+        image.save(tmp_path / f"{i}.png")
+        images.append(str(tmp_path / f"{i}.png"))
+    printed = {}
+    for runtime in ("torch", "onnxruntime"):
+        flags = ["--precision", "fp32", "--runtime", runtime, "--top-k", "1"]
+        assert main(["predict", *images, "--checkpoint", str(trained), *flags]) == 0
+        out, err = capsys.readouterr()
+        assert err.startswith("polynet: precision fp32") and (runtime in err) == (
+            runtime == "onnxruntime"
+        )
+        printed[runtime] = [line.split("%")[1] for line in out.splitlines() if "%" in line]
+    assert printed["onnxruntime"] == printed["torch"] and len(printed["torch"]) == 3
