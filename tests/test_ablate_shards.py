@@ -106,6 +106,21 @@ def test_two_processes_split_a_study_over_one_folder_then_report_merges(tmp_path
     assert main(["ablate", "stages", "--out", str(out), "--report", "--on-result", "exit 3"]) == 0
     assert "--on-result exited with 3 after report; going on" in capsys.readouterr().err
 
+    # --retime: a quiet pass after jobs that timed beside each other; the recipe the study
+    # ran (batch 8, one thread), not the scale's default, and the report takes the new times.
+    before = json.loads((out / "timing.json").read_text())
+    retime = ["--report", "--retime", "--timing-rounds", "1", "--timing-iters", "1"]
+    assert main(["ablate", "stages", "--out", str(out), *retime]) == 0
+    assert "timing 2 configs" in capsys.readouterr().err
+    after = json.loads((out / "timing.json").read_text())
+    assert after["setup"]["batch_size"] == 8 and after["setup"]["threads"] == 1
+    assert after["configs"]["ir_3_6_3"]["samples"] != before["configs"]["ir_3_6_3"]["samples"]
+    retimed = {r["config"]: r["seconds_per_iter"] for r in json.loads(
+        (out / "results.json").read_text())["runs"]}  # fmt: skip
+    assert retimed["ir_3_6_3"] == after["configs"]["ir_3_6_3"]["seconds_per_iter"]
+    assert main(["ablate", "stages", "--out", str(out), "--retime"]) == 2
+    assert "add --report" in capsys.readouterr().err
+
     # A pair without a result is reported as missing, not dropped from view.
     (out / "results" / "b_poly3_s1.json").unlink()
     assert main(["ablate", "stages", "--out", str(out), "--report"]) == 0

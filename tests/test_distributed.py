@@ -46,7 +46,7 @@ def test_two_process_gloo_run_has_the_global_batch_and_one_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "2 process(es)" in done.stderr
+    assert "2 processes on" in done.stderr
     assert "64 images, 4 steps of 16" in done.stderr  # global batch 16 = 2 x 8
 
     # Rank 0 alone writes: one checkpoint set, one metrics file.

@@ -148,12 +148,14 @@ def compute_summary(rows: Sequence[dict[str, Any]], timing_seconds: float | None
     devices = sorted({str(r["device"]) for r in rows if "device" in r}) or ["not recorded"]
     worlds = sorted({r.get("world_size", 1) for r in rows})
     threads = sorted({r["threads"] for r in rows if "threads" in r})
+    capabilities = sorted({r["cpu_capability"] for r in rows if r.get("cpu_capability")})
     lines = [
         f"- Compute: {_duration(wall)} of run time over {len(rows)} runs (training "
         f"{_duration(train)}, evaluation {_duration(evaluation)}); {_duration(process)} of "
-        f"process time on {', '.join(devices)}, {'/'.join(map(str, worlds))} process(es) per "
-        "run"
+        f"process time on {', '.join(devices)}, {'/'.join(map(str, worlds))} "
+        f"process{'' if worlds == [1] else 'es'} per run"
         + (f", {'/'.join(map(str, threads))} CPU threads" if threads else "")
+        + (f" ({', '.join(capabilities)})" if capabilities else "")
         + (f"; timing pass {_duration(timing_seconds)}" if timing_seconds else "")
         + ". A run resumed after a kill counts its last session only."
     ]

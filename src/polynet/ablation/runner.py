@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,8 @@ from polynet.training import TrainConfig, build_config, run_identity, train
 # recalibration; bf16 autocast where native), written out here rather than taken from the
 # ``fashion-mnist`` preset so that re-tuning the quick start never changes a study's recipe or
 # invalidates its results. Six epochs: at three, the IR 3-6-3 baseline still gained 1.1 points
-# from twice the training (docs/ablation/stages-3-epochs-plateau), so three measured how fast a network
-# starts. One thread: a network this small keeps two threads half idle, and two one-thread
+# from twice the training (docs/ablation/stages-3-epochs-plateau), so three measured how fast a
+# network starts. One thread: a network this small keeps two threads half idle, and two one-thread
 # jobs (``--shard 1/2``, ``--shard 2/2``) finish 1.7x the pairs per hour of one two-thread job;
 # the thread count is part of the recipe because it changes the rounding of every run
 # (docs/ablation.md, "Scale"). The full scale is the paper's recipe (Sec. 4), whose length is
@@ -427,6 +427,9 @@ def run_study(
             started_at=started,
             finished_at=time.time(),
             device=_device_name(resolve_device(cfg.device)),
+            # Machines of one kind differ from day to day (AVX2 one day, AVX-512 with native
+            # bf16 the next): the instruction set is part of what the times mean.
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
             world_size=_world(),
             threads=torch.get_num_threads(),
             settings=_settings(cfg),
@@ -471,18 +474,23 @@ def report_study(
     options: StudyOptions | None = None,
     *,
     seeds: int | None = None,
+    retime: bool = False,
 ) -> StudyRun:
     """Merge whatever results ``out/results`` holds into tables, plots and the report.
 
-    Trains and times nothing. The pairs expected are the configs and seeds the last run
-    recorded in ``study.json`` (``options.configs`` and ``seeds`` override them); those
-    without a result are listed as missing in the report, not silently left out.
+    Trains nothing, and times nothing unless ``retime``. The pairs expected are the configs
+    and seeds the last run recorded in ``study.json`` (``options.configs`` and ``seeds``
+    override them); those without a result are listed as missing in the report, not
+    silently left out.
 
     Args:
         study: A :class:`Study` or a study's name.
         out: The study folder.
         options: Data, scale and width (when ``study.json`` does not record them), configs.
         seeds: Seeds expected of every config (seeds found beyond them are reported too).
+        retime: Time every selected config again first, in one interleaved pass with the
+            recipe the study ran (its recorded overrides unless ``options`` gives some): the
+            pass to take on a quiet machine when the study's own pass ran beside other jobs.
 
     Raises:
         UserError: When the folder holds no result of the study, results of different
@@ -510,6 +518,17 @@ def report_study(
     expected = seeds or saved.get("seeds") or max(found) + 1
     all_seeds = sorted(set(range(expected)) | set(found))
     context = dict(scale=scale, data=data, num_classes=saved.get("num_classes"))
+    if retime:
+        recorded = saved.get("options", {}).get("train_overrides", {})
+        ran = replace(
+            options, data=data, scale=scale, train_overrides=options.train_overrides or recorded
+        )
+        classes = context["num_classes"] or len(build_dataset(data, "val").classes)
+        probe = recipe_for(study.configs[0], ran, 0, out / "runs" / "timing")
+        load_or_measure(
+            out, study.configs, probe, classes, options.timing_rounds, options.timing_iters,
+            rerun=True, say=_say,
+        )  # fmt: skip
     collected = _write_report(study, out, store, all_seeds, context, expected)
     keys = [pair_key(r["config"], r["seed"]) for r in collected.rows]
     return StudyRun(out, collected.rows, [], keys, collected.missing, reported=True)

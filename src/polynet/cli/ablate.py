@@ -84,6 +84,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="train nothing: merge the results in OUT/results into tables, figure and report "
         "(missing pairs listed)",
     )
+    p.add_argument(
+        "--retime",
+        action="store_true",
+        help="with --report: first time every config again in one interleaved pass on this "
+        "machine (run it when nothing else runs: a pass timed beside training jobs is slowed)",
+    )
     p.add_argument("--configs", nargs="+", metavar="NAME", help="run only these configs")
     p.add_argument("--list", action="store_true", help="list the study's configs and exit")
     length = p.add_mutually_exclusive_group()
@@ -140,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
     if args.report and (args.rerun or args.shard):
         flag = "--rerun" if args.rerun else "--shard"
         raise UserError(f"--report trains nothing; drop {flag} (or --report to train)")
+    if args.retime and not args.report:
+        raise UserError("--retime times the configs of a report; add --report")
     shard = Shard.parse(args.shard) if args.shard else None
     overrides = {
         key: getattr(args, key)
@@ -170,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     hook = _on_result(args.on_result, Path(args.out)) if args.on_result else None
     if args.report:
-        result = report_study(args.study, args.out, options, seeds=args.seeds)
+        result = report_study(
+            args.study, args.out, options, seeds=args.seeds, retime=args.retime
+        )
     else:
         after = (lambda row: hook(f"{row['config']}_s{row['seed']}")) if hook else None
         result = run_study(

@@ -86,12 +86,15 @@ class EpochLoop:
         if state.global_step == 0:
             params = sum(p.numel() for p in t.raw_model.parameters())
             precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
+            threads = torch.get_num_threads()
+            processes = t.dist.world_size
             t.log(
                 f"training {t.model_name} ({params:,} parameters) on {cfg.data}: "
                 f"{len(t.train_indices):,} images, {t.total_steps:,} steps of "
                 f"{cfg.batch_size} ({t.total_steps / t.steps_per_epoch:.3g} epochs), lr "
-                f"{cfg.learning_rate:g}, {t.dist.world_size} process(es) on {t.device} "
-                f"({torch.get_num_threads()} threads, {t.amp_chosen_by}{precision})"
+                f"{cfg.learning_rate:g}, {processes} process{'es' if processes != 1 else ''} on "
+                f"{t.device} ({threads} thread{'s' if threads != 1 else ''}, "
+                f"{t.amp_chosen_by}{precision})"
             )
             if t.plan.note:
                 t.log(t.plan.note)
