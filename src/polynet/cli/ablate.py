@@ -178,9 +178,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     hook = _on_result(args.on_result, Path(args.out)) if args.on_result else None
     if args.report:
-        result = report_study(
-            args.study, args.out, options, seeds=args.seeds, retime=args.retime
-        )
+        result = report_study(args.study, args.out, options, seeds=args.seeds, retime=args.retime)
     else:
         after = (lambda row: hook(f"{row['config']}_s{row['seed']}")) if hook else None
         result = run_study(
