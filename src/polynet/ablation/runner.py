@@ -56,7 +56,7 @@ from polynet.training import TrainConfig, build_config, run_identity, train
 # invalidates its results. Six epochs: at three, the IR 3-6-3 baseline still gained 1.1 points
 # from twice the training (docs/ablation/stages-3-epochs-plateau), so three measured how fast a
 # network starts. One thread: a network this small keeps two threads half idle, and two one-thread
-# jobs (``--shard 1/2``, ``--shard 2/2``) finish 1.7x the pairs per hour of one two-thread job
+# jobs (``--shard 1/2``, ``--shard 2/2``) finish 1.9x the pairs per hour of one two-thread job
 # (docs/ablation.md, "Scale"); written here so that every job of a study rounds alike. The full scale is the paper's recipe (Sec. 4), whose length is
 # set by the caller.
 SMALL_RECIPE: dict[str, Any] = dict(
