@@ -154,7 +154,11 @@ def compute_summary(rows: Sequence[dict[str, Any]], timing_seconds: float | None
         f"{_duration(train)}, evaluation {_duration(evaluation)}); {_duration(process)} of "
         f"process time on {', '.join(devices)}, {'/'.join(map(str, worlds))} "
         f"process{'' if worlds == [1] else 'es'} per run"
-        + (f", {'/'.join(map(str, threads))} CPU threads" if threads else "")
+        + (
+            f", {'/'.join(map(str, threads))} CPU thread{'' if threads == [1] else 's'}"
+            if threads
+            else ""
+        )
         + (f" ({', '.join(capabilities)})" if capabilities else "")
         + (f"; timing pass {_duration(timing_seconds)}" if timing_seconds else "")
         + ". A run resumed after a kill counts its last session only."
@@ -217,7 +221,7 @@ def to_markdown(
         f"- Data: {context.get('data')} ({num_classes} classes); each run evaluated single-crop "
         f"on {images:,} validation images. Accuracy compared: {metric} "
         f"({'top-5 is saturated with 10 classes' if metric == 'top1' else 'as in the paper'}).",
-        f"- Scale: {context.get('scale')}; {len(points)} configs.",
+        f"- Scale: {context.get('scale')}; {len(points)} config{'' if len(points) == 1 else 's'}.",
         f"- Recipe (every config): {recipe_summary(rows)}",
         f"- Seeds: {', '.join(map(str, seeds)) or 'none'} (at least {fewest} per config); seed "
         "s sets the initialisation, data order, augmentation and training subset of its run.",
