@@ -166,7 +166,7 @@ def load_or_measure(
         return
     say(
         f"timing {len(configs)} config{'s' if len(configs) != 1 else ''}: {rounds} interleaved "
-        f"rounds of {iters} iterations at "
+        f"round{'s' if rounds != 1 else ''} of {iters} iteration{'s' if iters != 1 else ''} at "
         f"batch {cfg.batch_size} on {setup['device']}"
     )
     start = time.perf_counter()
