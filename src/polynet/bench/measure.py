@@ -105,28 +105,38 @@ def matmul_peak_gflops(
     """Measure matrix-multiply GFLOP/s (GOP/s for int8) here: the best of a few square matmuls.
 
     fp32 and bf16 time ``torch.mm``; int8 times ``torch._int_mm`` (int8 x int8 -> int32, oneDNN's
-    VNNI kernels on x86), the fastest int8 matmul this PyTorch offers.
+    VNNI kernels on x86), the fastest int8 matmul this PyTorch offers. ``size`` is halved
+    until one matmul takes at most a second at the rate of a 256 one: a precision
+    the CPU only emulates (bf16 or int8 on AVX2, under 1 GFLOP/s) would take minutes at 2048.
     """
     torch.set_num_threads(threads)
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
-    if precision == "int8":
-        a, b = (
-            torch.randint(-128, 128, (size, size), generator=gen, dtype=torch.int8) for _ in "ab"
-        )
-        mm = torch._int_mm
-    else:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        a, b = (torch.randn(size, size, generator=gen).to(dev, dtype) for _ in "ab")
-        mm = torch.mm
-    a, b = a.to(dev), b.to(dev)
-    best = float("inf")
-    for _ in range(reps + 1):
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if precision == "int8":
+            pair = [torch.randint(-128, 128, (n, n), generator=gen, dtype=torch.int8) for _ in "ab"]
+        else:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            pair = [torch.randn(n, n, generator=gen).to(dtype) for _ in "ab"]
+        return pair[0].to(dev), pair[1].to(dev)
+
+    mm = torch._int_mm if precision == "int8" else torch.mm
+
+    def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
         sync(dev)
         start = time.perf_counter()
         mm(a, b)
         sync(dev)
-        best = min(best, time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    small = operands(256)
+    seconds(*small)  # first call: kernel selection and allocation
+    rate = 2 * 256**3 / max(seconds(*small), 1e-9)
+    while size > 256 and 2 * size**3 / rate > 1.0:
+        size //= 2
+    a, b = operands(size)
+    best = min(seconds(a, b) for _ in range(reps + 1))
     return 2 * size**3 / best / 1e9
 
 
