@@ -132,15 +132,21 @@ def test_two_processes_split_a_study_over_one_folder_then_report_merges(tmp_path
 
 
 def test_on_result_commands_of_jobs_sharing_a_folder_run_one_at_a_time(tmp_path):
-    # Two jobs' `git commit`s at once collide on git's index lock: the hook serialises them.
+    # Two jobs' `git commit`s at once collide on git's index lock: the folder lock serialises.
     from concurrent.futures import ThreadPoolExecutor
 
+    from polynet.ablation.results import folder_lock
     from polynet.cli.ablate import _on_result
 
     log = tmp_path / "log"
     hook = _on_result(f'echo "in $POLYNET_PAIR" >> {log}; sleep 0.3; echo out >> {log}', tmp_path)
+
+    def land(pair: str) -> None:
+        with folder_lock(tmp_path):  # as run_study holds it around saving and the hook
+            hook(pair)
+
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(hook, ["a_s0", "b_s0"]))
+        list(pool.map(land, ["a_s0", "b_s0"]))
     lines = log.read_text().split()
     orders = (["in", a, "out", "in", b, "out"] for a, b in (("a_s0", "b_s0"), ("b_s0", "a_s0")))
     assert lines in list(orders), lines

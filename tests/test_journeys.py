@@ -10,6 +10,7 @@ Commands run in a fresh working folder, so relative paths such as ``runs/fm`` la
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -476,6 +477,45 @@ def test_ablation_commits_each_result_and_resumes_from_the_commits(tmp_path, mon
     assert "stages: 0 trained, 4 cached" in capsys.readouterr().out
 
 
+def test_ablation_as_two_local_jobs_committing_then_retimed(tmp_path, monkeypatch, capsys):
+    # docs/ablation.md: the shell loop of two one-thread jobs, each committing its results
+    # into one checkout as they land (their commits must not collide), then a quiet retime.
+    for key in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{key}_NAME", "journey")
+        monkeypatch.setenv(f"GIT_{key}_EMAIL", "journey@example.invalid")
+    job, retime = JOURNEY_GROUPS["ablate-two-jobs"]
+    _git("init", "-q", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)
+    extra = [*TINY_ABLATE, "--seeds", "2", "--configs", "ir_3_6_3", "a_2way"]
+    argv = shlex.split(job.removesuffix(" &"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-m", *[a.replace("$k", str(k)) for a in argv], *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for k in (1, 2)
+    ]
+    for process in jobs:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-2000:]
+        assert "--on-result exited" not in stderr, stderr[-2000:]  # no commit collided
+    pairs = {f"{c}_s{s}" for s in (0, 1) for c in ("ir_3_6_3", "a_2way")}
+    subjects = set(_git("log", "--format=%s", cwd=tmp_path).split("\n")) - {""}
+    assert {f"ablation stages: {k}" for k in pairs} <= subjects
+    tracked = set(_git("ls-files", cwd=tmp_path).split())
+    assert {f"docs/ablation/stages/results/{k}.json" for k in pairs} <= tracked
+    before = json.loads((tmp_path / "docs/ablation/stages/timing.json").read_text())
+    capsys.readouterr()
+    assert run(retime, "--timing-rounds", "1", "--timing-iters", "1") == 0
+    assert "timing 2 configs" in capsys.readouterr().err
+    after = json.loads((tmp_path / "docs/ablation/stages/timing.json").read_text())
+    assert after["setup"]["threads"] == 1 and after["configs"] != before["configs"]
+
+
 def test_ablation_split_over_jobs_then_report(here, capsys):
     shard_1, shard_2, report = JOURNEY_GROUPS["ablate-shards"]
     extra = [*TINY_ABLATE, "--seeds", "2", "--configs", "ir_3_6_3", "a_2way"]
@@ -763,6 +803,12 @@ JOURNEY_GROUPS: dict[str, list[str]] = {
         "polynet ablate stages --out docs/ablation/stages --runs runs/ablation/stages --seeds 3 "
         "--on-result 'git add docs/ablation/stages && git commit -q -m \"ablation stages: "
         "$POLYNET_PAIR\" -- docs/ablation/stages'",
+    ],
+    "ablate-two-jobs": [
+        "polynet ablate stages --out docs/ablation/stages --runs runs/ablation/stages --seeds 3 "
+        "--shard $k/2 --on-result 'git add docs/ablation/stages && git commit -q -m \"ablation "
+        "stages: $POLYNET_PAIR\" -- docs/ablation/stages' &",
+        "polynet ablate stages --out docs/ablation/stages --report --retime",
     ],
     "ablate-shards": [
         "polynet ablate stages --out runs/ablation/stages-shared --seeds 3 --shard 1/2",

@@ -10,9 +10,11 @@ committed to git as results land and a study resumed from the committed copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,11 @@ from typing import Any
 from polynet.ablation.studies import Study
 from polynet.checkpoint import atomic_write
 from polynet.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 # What differs between the pairs of one study; every other recipe setting must be equal.
 PAIR_KEYS = ("model", "model_kwargs", "seed")
@@ -34,6 +41,27 @@ def write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as JSON atomically (a crash leaves the old file or the new one)."""
     text = json.dumps(payload, indent=1, sort_keys=False).encode()
     atomic_write(path, lambda f: f.write(text))
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` (where the platform has one).
+
+    Jobs on one machine that share a study folder land a result and run its ``--on-result``
+    command (a ``git add`` and ``git commit``) inside it, one job at a time: otherwise one job's
+    ``git add`` takes another's fresh result into its own commit, and the other's commit then
+    finds nothing to commit. The lock is on the folder itself, so nothing is created in it.
+    """
+    if fcntl is None:  # Windows: no flock; jobs there land unserialised
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
 def pair_key(config: str, seed: int) -> str:

@@ -33,6 +33,7 @@ from polynet.ablation.results import (
     Collected,
     ResultStore,
     fingerprint,
+    folder_lock,
     pair_key,
     seed_of,
     write_json,
@@ -435,12 +436,13 @@ def run_study(
             recipe=identity,
             fingerprint=fingerprint(identity),
         )
-        store.save(row)
-        rows.append(row)
-        trained.append(key)
-        _say(f"{key}: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
-        if after_config is not None:
-            after_config(row)
+        with folder_lock(out):  # land and announce one pair at a time (see folder_lock)
+            store.save(row)
+            rows.append(row)
+            trained.append(key)
+            _say(f"{key}: top-1 {row['top1']:.2f}%, top-5 {row['top5']:.2f}%")
+            if after_config is not None:
+                after_config(row)
     run = StudyRun(out, rows, trained, cached)
     if not is_main:
         return run

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-
 from polynet.ablation import STUDIES, Shard, StudyOptions, build_study, report_study, run_study
+from polynet.ablation.results import folder_lock
 from polynet.ablation.studies import SMALL_WIDTH
 from polynet.cli import summary
 from polynet.errors import UserError
@@ -193,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     if hook and result.reported:
-        hook("report")
+        with folder_lock(result.out):
+            hook("report")
     if args.publish and result.reported:
         target = Path(args.publish)
         target.mkdir(parents=True, exist_ok=True)
@@ -214,34 +210,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``folder`` (where the platform has one)."""
-    if fcntl is None:  # Windows: no flock; jobs there run their commands unserialised
-        yield
-        return
-    handle = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)  # closing releases the lock
-
-
 def _on_result(command: str, out: Path) -> Callable[[str], Any]:
     """Run ``command`` in a shell for one landed pair (or ``"report"``); warn if it fails.
 
     The study goes on when it fails: a result file on disk is worth more than one commit.
-    Jobs on one machine sharing ``out`` run their commands one at a time (a lock on the
-    folder itself, so nothing is created in it): two ``git commit`` at once would collide on
-    git's index lock.
+    The caller holds :func:`~polynet.ablation.results.folder_lock` on ``out`` around it, so
+    jobs sharing the folder run their commands one at a time.
     """
 
     def run_hook(pair: str) -> None:
         result = out / "results" / f"{pair}.json" if pair != "report" else out / "report.md"
         env = dict(os.environ, POLYNET_PAIR=pair, POLYNET_RESULT=str(result))
-        with _folder_lock(out):
-            done = subprocess.run(command, shell=True, env=env, check=False)
+        done = subprocess.run(command, shell=True, env=env, check=False)
         if done.returncode:
             print(
                 f"polynet ablate: --on-result exited with {done.returncode} after {pair}; going on",
