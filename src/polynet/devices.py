@@ -76,6 +76,15 @@ def native_bf16(device: str | torch.device | None = "cpu") -> bool:
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
+def cpu_vnni() -> bool:
+    """Whether the CPU has VNNI (int8 dot products: AVX512-VNNI, AVX-VNNI or AMX-INT8).
+
+    Without it, ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits, which can
+    saturate: int8 models then quantize weights to 7 bits (``reduce_range``).
+    """
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
 def default_precision(device: str | torch.device | None = "cpu") -> str:
     """``"bf16"`` where :func:`native_bf16` holds for ``device``, else ``"fp32"``."""
     return "bf16" if native_bf16(device) else "fp32"

@@ -22,6 +22,7 @@ and joining convolutions along their output channels are exact up to float round
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -272,6 +273,11 @@ def _onednn_available() -> bool:
     )
 
 
+@functools.cache
+def _mkldnn_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class PackedConv2d(nn.Conv2d):
     """A convolution that keeps its weight pre-packed for oneDNN, for CPU inference.
 
@@ -314,6 +320,9 @@ class PackedConv2d(nn.Conv2d):
             not self.training
             and x.device.type == "cpu"
             and x.dtype in PACKED_DTYPES
+            # oneDNN packs bf16 weights only on CPUs with bf16 conversion instructions
+            # (AVX512BW/VL/DQ or AVX-NE-CONVERT); an AVX2 CPU takes the plain bf16 path.
+            and (x.dtype != torch.bfloat16 or _mkldnn_bf16())
             and self.weight.dtype == x.dtype
             and self.padding_mode == "zeros"
             and isinstance(self.padding, tuple)

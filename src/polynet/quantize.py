@@ -170,6 +170,7 @@ def quantize_int8(
             f"int8 needs ONNX Runtime ({err}); pip install 'polynet[export]' or use bf16/fp32"
         ) from err
 
+    from polynet.devices import cpu_vnni
     from polynet.export import export_onnx
 
     batches = _calibration_list(calibration)
@@ -188,6 +189,8 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            # Without VNNI, u8 x s8 products summed in pairs saturate 16 bits: 7-bit weights.
+            reduce_range=not cpu_vnni(),
         )
         data = int8.read_bytes()
     return OnnxRuntimeModel(data, model, threads)
