@@ -30,7 +30,7 @@ from polynet.ablation.report import write_outputs
 from polynet.ablation.stats import FAILS, HOLDS, ONE_SEED, UNRESOLVED
 from polynet.cli import main
 from polynet.errors import UserError
-from polynet.training.distributed import epoch_permutation
+from polynet.training.batches import epoch_permutation
 from polynet.zoo import MODELS
 
 CONFIGS = ["ir_3_6_3", "b_poly3"]

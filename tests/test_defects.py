@@ -131,7 +131,7 @@ def test_a_real_bug_keeps_its_traceback(error, monkeypatch, tmp_path):
     def fail(self):
         raise error
 
-    monkeypatch.setattr(loop.Trainer, "run", fail)
+    monkeypatch.setattr(loop.TrainingLoop, "run", fail)
     with pytest.raises(type(error)):
         main(["train", "--out", str(tmp_path / "r"), *cli_flags(RUN)])
 

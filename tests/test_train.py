@@ -257,7 +257,9 @@ def test_resume_mid_epoch_equals_the_uninterrupted_run_bitwise(tmp_path, monkeyp
 
 @needs_fashion
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = loop.F.cross_entropy
+    from polynet.training import step
+
+    real = step.F.cross_entropy
     calls = {"n": 0}
 
     def poisoned(logits, labels, **kw):
@@ -265,7 +267,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         loss = real(logits, labels, **kw)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(loop.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(step.F, "cross_entropy", poisoned)
     with pytest.raises(loop.TrainingDiverged, match="loss became nan at step 5"):
         loop.train(fashion_run(tmp_path, checkpoint_every=2, eval_every=0))
     payload = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -460,20 +462,20 @@ def test_cli_config_errors_are_one_line(tmp_path, capsys):
 @needs_fashion
 def test_in_memory_evaluation_batches_equal_the_per_image_transform(monkeypatch):
     from polynet.data import build_dataset
-    from polynet.training import batches
+    from polynet.evaluation import batches
 
     dataset = build_dataset("fashion-mnist", "val")
     cfg = dict(polynet.create_model("polynet_small").pretrained_cfg)
     indices = list(range(0, 200, 3))
-    assert batches._is_tensor_identity(dataset, cfg)
-    fast = list(batches.eval_batches(dataset, indices, cfg, 16, 0))
-    monkeypatch.setattr(batches, "_is_tensor_identity", lambda *args: False)
-    slow = list(batches.eval_batches(dataset, indices, cfg, 16, 0))
+    assert batches.is_tensor_identity(dataset, cfg)
+    fast = list(batches.single_crop_batches(dataset, indices, cfg, 16, 0))
+    monkeypatch.setattr(batches, "is_tensor_identity", lambda *args: False)
+    slow = list(batches.single_crop_batches(dataset, indices, cfg, 16, 0))
     assert len(fast) == len(slow)
     for (x, y, _), (x_ref, y_ref, _) in zip(fast, slow, strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
     # A model that resizes (another input size) takes the per-image path.
-    assert not batches._is_tensor_identity(dataset, {**cfg, "input_size": (1, 32, 32)})
+    assert not batches.is_tensor_identity(dataset, {**cfg, "input_size": (1, 32, 32)})
 
 
 def test_planned_steps_fit_training_and_evaluations_into_the_budget():
@@ -524,8 +526,12 @@ def test_time_budget_plans_the_length_once_and_a_resume_keeps_it(tmp_path, capsy
     assert "time budget 20 s:" in err and "planned" in err
     # The run's first line comes before the plan, and says the precision chosen.
     assert err.index("training polynet_small") < err.index("time budget 20 s:")
+    # The folder keeps what was asked beside the plan that was made.
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["time_budget"] == 20.0 and saved["epochs"] == pytest.approx(result.epochs)
+    assert saved["time_budget"] == 20.0 and saved["epochs"] == values.get("epochs", 10.0)
+    plans = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plans["time_budget"] == 20.0
+    assert plans["plans"][-1]["epochs"] == pytest.approx(result.epochs)
     assert result.seconds < 20
     again = loop.train(dict(out=str(tmp_path / "run"), resume=True))
     assert "time budget" not in capsys.readouterr().err  # no second plan
@@ -547,8 +553,11 @@ def test_time_budget_is_planned_again_at_every_checkpoint_at_the_runs_pace(
     replans = [int(n) for n in re.findall(r"re-planned after (\d+) steps", err)]
     assert replans[:2] == [20, 40] and all(step % 20 == 0 for step in replans), replans
     assert replans[-1] > result.steps - 20
-    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["epochs"] == pytest.approx(result.epochs)  # what a resume continues
+    plans = json.loads((tmp_path / "run" / "plan.json").read_text())["plans"]
+    assert [p["after_step"] for p in plans[1:3]] == [20, 40]
+    assert plans[-1]["epochs"] == pytest.approx(result.epochs)  # what a resume continues
+    saved = load_checkpoint(tmp_path / "run" / "last.pt")["train_state"]
+    assert saved["planned_epochs"] == pytest.approx(result.epochs)
     assert result.seconds < 20
     # The cosine schedule follows the new length: it reaches zero at the end, not before.
     rates = [row["lr"] for row in result.history]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from polynet.distributed import launch_env
 from polynet.errors import UserError
 
 
@@ -31,7 +30,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
             raise UserError(
                 f"device {name!r} requested but CUDA is not available; use --device cpu"
             )
-        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        index = device.index if device.index is not None else launch_env().local_rank
         if index >= torch.cuda.device_count():
             raise UserError(
                 f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s); use "
@@ -134,3 +133,16 @@ def training_amp(amp: str, device: str | torch.device | None = "auto") -> str:
             "--amp bf16 or --amp none on the CPU"
         )
     return amp
+
+
+def autocast(device: torch.device | str, amp: str) -> torch.autocast:
+    """The autocast context of a resolved ``amp`` (``"none"``, ``"bf16"`` or ``"fp16"``).
+
+    The one place a precision name becomes an autocast: training steps, the time-budget probe,
+    the ablation's timing pass and the bench all enter it.
+    """
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"amp must be none, bf16 or fp16 (resolve 'auto' first), got {amp!r}")
+    device_type = torch.device(device).type
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type, dtype=dtype, enabled=amp != "none")

@@ -44,6 +44,7 @@ from polynet.ablation.timing import attach_times, autocast_of, input_size, load_
 from polynet.cost import count_macs, count_params, model_cost
 from polynet.data import build_dataset
 from polynet.devices import resolve_device
+from polynet.distributed import is_main_process, world_size
 from polynet.errors import UserError
 from polynet.evaluation import SingleCrop, evaluate
 from polynet.loading import load_model
@@ -137,16 +138,8 @@ class StudyOptions:
         return "small" if self.data.lower().replace("_", "-") == "fashion-mnist" else "full"
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def _say(message: str) -> None:
-    if _rank() == 0:
+    if is_main_process():
         print(f"polynet ablate: {message}", file=sys.stderr, flush=True)
 
 
@@ -349,7 +342,7 @@ def run_study(
     out = Path(out)
     runs = Path(runs) if runs is not None else out / "runs"
     store = ResultStore(out / "results")
-    is_main = _rank() == 0
+    is_main = is_main_process()
     # Validate the recipe and the data before any long work.
     recipe_for(study.configs[0], options, 0, runs / "check")
     classes = list(build_dataset(options.data, "val").classes)
@@ -395,7 +388,7 @@ def run_study(
     for index, (config, seed, key, cfg, identity) in enumerate(pending):
         # Another job may have landed this pair meanwhile (all processes of one torchrun job
         # must take the same branch, so only a single-process job looks).
-        landed = None if options.rerun or _world() > 1 else store.load(key)
+        landed = None if options.rerun or world_size() > 1 else store.load(key)
         if landed is not None:
             store.check(landed, identity)
             rows.append(landed)
@@ -433,7 +426,7 @@ def run_study(
             # Machines of one kind differ from day to day (AVX2 one day, AVX-512 with native
             # bf16 the next): the instruction set is part of what the times mean.
             cpu_capability=torch.backends.cpu.get_cpu_capability(),
-            world_size=_world(),
+            world_size=world_size(),
             threads=torch.get_num_threads(),
             settings=_settings(cfg),
             recipe=identity,

@@ -9,8 +9,8 @@ per iteration and the samples of every round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from polynet.ablation.results import fingerprint, write_json
 from polynet.ablation.studies import StudyConfig, create_study_model
 from polynet.devices import resolve_device
+from polynet.distributed import SINGLE, is_main_process, world_size
 from polynet.training import TrainConfig, run_identity
+from polynet.training.step import build_step
 
 TIMING_FILE = "timing.json"
 
@@ -53,7 +54,8 @@ def measure_iteration_times(
 ) -> dict[str, list[float]]:
     """Seconds per training iteration of every config, measured round-robin in one process.
 
-    Every config trains on the same fixed batch with the recipe's optimizer and precision;
+    Every config takes the run's own step (:class:`~polynet.training.step.TrainStep`: the
+    recipe's optimizer, precision, label smoothing and moving average) on the same fixed batch;
     configs take turns (``iters`` iterations each) for ``rounds`` rounds after one warm-up
     round, so a drift of the machine's speed affects all configs alike.
 
@@ -68,27 +70,25 @@ def measure_iteration_times(
         Per config name, one mean seconds-per-iteration per measured round.
 
     """
-    from polynet.training import build_optimizer
-
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batch = max(1, cfg.batch_size // world)
-    models, optimizers, inputs = {}, {}, {}
+    # Each process times its own share of a global batch, without a process group: the pass
+    # compares the networks, and one process's step is the same on every process.
+    batch = max(1, cfg.batch_size // world_size())
+    recipe = dataclasses.replace(cfg, amp=autocast_of(cfg), compile=False)
+    steps, inputs = {}, {}
     generator = torch.Generator().manual_seed(0)
     for config in configs:
         model = create_study_model(config.model, **config.model_kwargs, num_classes=num_classes)
         model.to(device).train()
-        models[config.name] = model
-        optimizers[config.name] = build_optimizer(model, cfg)
+        # The run's own step: its optimizer, label smoothing, moving average and precision.
+        steps[config.name] = build_step(model, recipe, device, SINGLE, torch.contiguous_format)
         size = input_size(model)
         if size not in inputs:
             images = torch.randn(batch, *size, generator=generator)
             labels = torch.randint(num_classes, (batch,), generator=generator)
             inputs[size] = (images.to(device), labels.to(device))
-    amp = autocast_of(cfg)
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
 
     def sync() -> None:
         if device.type == "cuda":
@@ -97,16 +97,12 @@ def measure_iteration_times(
     times: dict[str, list[float]] = {c.name: [] for c in configs}
     for round_index in range(rounds + 1):
         for config in configs:
-            model, optimizer = models[config.name], optimizers[config.name]
-            images, labels = inputs[input_size(model)]
+            step = steps[config.name]
+            images, labels = inputs[input_size(step.raw_model)]
             sync()
             start = time.perf_counter()
             for _ in range(iters):
-                with torch.autocast(device.type, dtype=dtype, enabled=amp != "none"):
-                    loss = F.cross_entropy(model(images).float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                step(images, labels)
             sync()
             if round_index:  # round 0 warms up caches, allocators and autotuning
                 times[config.name].append((time.perf_counter() - start) / iters)
@@ -120,7 +116,8 @@ def _setup(cfg: TrainConfig, rounds: int, iters: int) -> dict[str, Any]:
         device=str(resolve_device(cfg.device)),
         threads=cfg.threads,
         amp=autocast_of(cfg),
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        world_size=world_size(),
+        step="run",  # the run's own step (with its moving average), not a bare one
         rounds=rounds,
         iters=iters,
     )
@@ -184,7 +181,7 @@ def load_or_measure(
             for name, samples in times.items()
         }
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         write_json(path, dict(setup=setup, seconds=seconds, configs=entries))
 
 

@@ -29,11 +29,10 @@ from polynet.bench.config import BenchConfig
 from polynet.bench.measure import (
     count_flops,
     infer,
-    make_optimizer,
+    make_train_step,
     matmul_peak_gflops,
     model_input,
     round_robin,
-    train_step,
 )
 from polynet.bench.memory import measure_memory, measure_memory_here
 from polynet.bench.report import evaluate_targets, targets, to_markdown
@@ -86,11 +85,8 @@ def _time(
     """Rows of one mode: every candidate's step times, interleaved."""
     device = torch.device(cfg.device)
     if mode == "train":
-        optimizers = {n: make_optimizer(m) for n, m in models.items()}
-        steps = {
-            n: (lambda n=n, m=m: train_step(cfg, n, m, optimizers[n], x, target))
-            for n, m in models.items()
-        }
+        train_steps = {n: make_train_step(cfg, n, m) for n, m in models.items()}
+        steps = {n: (lambda s=s: s(x, target)) for n, s in train_steps.items()}
     else:
         steps = {n: (lambda n=n, m=m: infer(cfg, n, m, x)) for n, m in models.items()}
     for model in models.values():

@@ -12,6 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from polynet.bench.candidates import REGISTRY
 from polynet.bench.config import BenchConfig
+from polynet.devices import autocast
+from polynet.training.step import TrainStep
 
 
 def sync(device: torch.device) -> None:
@@ -25,37 +27,27 @@ def model_input(name: str, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if REGISTRY[name].channels_last else x
 
 
-def _autocast(cfg: BenchConfig, name: str):
-    return torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=REGISTRY[name].autocast)
+def _amp(name: str) -> str:
+    return "bf16" if REGISTRY[name].autocast else "none"
 
 
 def infer(cfg: BenchConfig, name: str, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """One inference step of candidate ``name``; its logits."""
-    with torch.inference_mode(), _autocast(cfg, name):
+    with torch.inference_mode(), autocast(cfg.device, _amp(name)):
         return model(model_input(name, x))
 
 
-def train_step(
-    cfg: BenchConfig,
-    name: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    target: torch.Tensor,
-) -> None:
-    """One training step (forward, cross-entropy, backward, optimizer step) of ``name``."""
-    optimizer.zero_grad(set_to_none=True)
-    with _autocast(cfg, name):
-        loss = F.cross_entropy(model(model_input(name, x)), target)
-    loss.backward()
-    optimizer.step()
+def make_train_step(cfg: BenchConfig, name: str, model: nn.Module) -> TrainStep:
+    """The training step of candidate ``name``: the one step training takes, with a cheap SGD.
 
-
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer every training candidate steps with."""
-    # Not the paper's optimiser (RMSProp): every candidate takes the same cheap SGD step, so
-    # the timings compare the networks' forward and backward passes.
-    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+    Not the paper's optimiser (RMSProp): every candidate takes the same SGD step, so the
+    timings compare the networks' forward and backward passes.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
+    memory_format = torch.channels_last if REGISTRY[name].channels_last else torch.contiguous_format
+    return TrainStep(
+        model, optimizer, torch.device(cfg.device), _amp(name), memory_format=memory_format
+    )
 
 
 def round_robin(
@@ -159,10 +151,9 @@ def count_flops(model: nn.Module, x: torch.Tensor, train: bool) -> int:
 __all__ = [
     "count_flops",
     "infer",
-    "make_optimizer",
+    "make_train_step",
     "matmul_peak_gflops",
     "model_input",
     "round_robin",
     "sync",
-    "train_step",
 ]

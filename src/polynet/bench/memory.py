@@ -20,7 +20,7 @@ import torch
 
 from polynet.bench.build import build_candidates
 from polynet.bench.config import BenchConfig
-from polynet.bench.measure import infer, make_optimizer, train_step
+from polynet.bench.measure import infer, make_train_step
 
 
 def _rss_mib() -> float:
@@ -67,7 +67,7 @@ def measure_memory_here(cfg: BenchConfig, name: str, mode: str) -> dict[str, flo
     gen = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
     target = torch.randint(0, 1000, (cfg.batch_size,), generator=gen).to(device)
-    optimizer = make_optimizer(model) if mode == "train" else None
+    step = make_train_step(cfg, name, model) if mode == "train" else None
     model.train(mode == "train")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -75,8 +75,8 @@ def measure_memory_here(cfg: BenchConfig, name: str, mode: str) -> dict[str, flo
     sampler = _RssSampler()
     sampler.start()
     for _ in range(2):  # the second step has the optimizer state allocated
-        if optimizer is not None:
-            train_step(cfg, name, model, optimizer, x, target)
+        if step is not None:
+            step(x, target)
         else:
             infer(cfg, name, model, x)
     peak = sampler.stop()

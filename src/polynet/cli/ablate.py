@@ -15,6 +15,7 @@ from polynet.ablation import STUDIES, Shard, StudyOptions, build_study, report_s
 from polynet.ablation.results import folder_lock
 from polynet.ablation.studies import SMALL_WIDTH
 from polynet.cli import summary
+from polynet.distributed import is_main_process
 from polynet.errors import UserError
 
 # What --publish copies: small text and PNG files, never the runs' checkpoints.
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_study(
             args.study, args.out, options, runs=args.runs, shard=shard, after_config=after
         )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     if hook and result.reported:
         with folder_lock(result.out):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 from polynet.cli import add_precision_argument, add_runtime_argument, summary
 from polynet.devices import resolve_device, resolve_precision
+from polynet.distributed import ProcessGroup, join, launch_env, leave
 from polynet.errors import UserError
 from polynet.evaluation import MultiCrop, SingleCrop
 from polynet.evaluation.api import REPORT_FILES, evaluate_weights, write_reports
@@ -53,6 +50,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--crop-mode",
         choices=("center", "squash"),
         help="center: keep aspect; squash: resize both sides (released model)",
+    )
+    crop.add_argument(
+        "--flip",
+        action="store_true",
+        help="test-time flips: average each image's logits with its mirror image's (what "
+        "training's eval_flip reports); the report also gives the top-1 without",
     )
     multi = p.add_argument_group("multi-crop protocol (paper section 5)")
     multi.add_argument(
@@ -111,9 +114,9 @@ def _check(args: argparse.Namespace) -> None:
         args.scales or args.score != "softmax" or args.top_fraction != DEFAULT_TOP_FRACTION
     ):
         raise UserError("--scales, --score and --top-fraction need --multi-crop")
-    if args.multi_crop and (args.crop_pct is not None or args.crop_mode is not None):
+    if args.multi_crop and (args.crop_pct is not None or args.crop_mode is not None or args.flip):
         raise UserError(
-            "--crop-pct and --crop-mode set the single-crop protocol; drop them "
+            "--crop-pct, --crop-mode and --flip set the single-crop protocol; drop them "
             "or drop --multi-crop"
         )
     if args.crop_pct is not None and not 0.0 < args.crop_pct <= 1.0:
@@ -141,18 +144,6 @@ def _check(args: argparse.Namespace) -> None:
             check_output(Path(args.out) / name, inputs, args.overwrite, "--out")
 
 
-def _init_distributed(device: str | None) -> tuple[bool, str | None]:
-    """Join the process group torchrun describes; return whether we did and the device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False, device
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return True, device or "cpu"
-
-
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluate, print a summary and write the requested reports (rank 0 only)."""
     _check(args)
@@ -161,27 +152,31 @@ def run_eval(args: argparse.Namespace) -> int:
             tuple(args.scales) if args.scales else None, args.top_fraction, args.score
         )
     else:
-        protocol = SingleCrop(args.crop_pct, args.crop_mode)
-    started, device = _init_distributed(args.device)
+        protocol = SingleCrop(args.crop_pct, args.crop_mode, flip=args.flip)
+    # Under torchrun every process joins the one process group, on this process's GPU or the
+    # CPU, and evaluates its share of the images.
+    group = join(resolve_device(args.device)) if launch_env().launched else None
     finished = False
     try:
-        _evaluate_and_report(args, protocol, device)
+        _evaluate_and_report(args, protocol, group)
         finished = True
         return 0
     finally:
-        if started:
+        if group is not None:
             # Rank 0 hosts the rendezvous store: leaving before the others finish their last
             # collective would reset their connections.
             if finished:
-                dist.barrier()
-            dist.destroy_process_group()
+                group.barrier()
+            leave()
 
 
 def _evaluate_and_report(
-    args: argparse.Namespace, protocol: MultiCrop | SingleCrop, device: str | None
+    args: argparse.Namespace, protocol: MultiCrop | SingleCrop, group: ProcessGroup | None
 ) -> None:
-    chosen = resolve_precision(args.precision, resolve_device(device), args.runtime)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    device = group.device if group is not None else resolve_device(args.device)
+    chosen = resolve_precision(args.precision, device, args.runtime)
+    main = group is None or group.is_main
+    if main:
         auto = " (auto)" if args.precision == "auto" else ""
         engine = ", onnxruntime" if args.runtime == "onnxruntime" else ""
         print(f"polynet: precision {chosen}{auto}{engine}", file=sys.stderr)
@@ -199,8 +194,9 @@ def _evaluate_and_report(
         fuse=not args.no_fuse,
         precision=chosen,
         runtime=args.runtime,
+        group=group,
     )
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if not main:
         return
     for path, reason in result.unreadable:
         print(f"polynet: warning: skipped unreadable image {path}: {reason}", file=sys.stderr)
@@ -212,6 +208,11 @@ def _evaluate_and_report(
         f"(error {m['top5_error']:.2f}%) on {m['images']} images, "
         f"{len(result.unreadable)} unreadable; {report['runtime']['images_per_second']:.1f} "
         f"images/s in {result.precision}"
+        + (
+            f"; top-1 without the flips {m['top1_accuracy_unflipped']:.2f}%"
+            if "top1_accuracy_unflipped" in m
+            else ""
+        )
     )
     for path in write_reports(report, args.out, args.json):
         print(f"wrote {path}")

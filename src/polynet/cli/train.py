@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import types
 import typing
 from typing import Any
@@ -83,6 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print the outcome."""
+    from polynet.distributed import is_main_process
     from polynet.training.loop import train
 
     names = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     explicit = layer_values(args.preset, args.config, **overrides)
     result = train(explicit)
     cfg = result.config
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: the main process reports
+    if not is_main_process():  # torchrun: the main process reports
         return 0
     if result.final_top1 is not None:
         split = "test" if "mnist" in cfg.data.lower() else "validation"

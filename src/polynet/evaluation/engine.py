@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
@@ -19,6 +18,8 @@ from tqdm.auto import tqdm
 
 from polynet.data import UnreadableImageError, eval_transform
 from polynet.devices import resolve_device, resolve_precision
+from polynet.distributed import ProcessGroup, current
+from polynet.evaluation.batches import EvalView, Unreadable, collate, single_crop_batches
 from polynet.evaluation.crops import (
     CROPS_PER_SCALE,
     MultiScaleResize,
@@ -51,11 +52,14 @@ class SingleCrop:
     Attributes:
         crop_pct: Override of the config's crop fraction.
         crop_mode: Override of the config's crop mode (``"center"`` or ``"squash"``).
+        flip: Test-time flips: each image's logits are averaged with its mirror image's (the
+            result also counts the predictions without, :attr:`EvalResult.unflipped`).
 
     """
 
     crop_pct: float | None = None
     crop_mode: str | None = None
+    flip: bool = False
 
     name = "single-crop"
 
@@ -101,6 +105,7 @@ class EvalResult:
         world_size: Processes that shared the work.
         precision: What the model computed in (``"fp32"``, ``"bf16"`` or ``"int8"``).
         engine: What ran it: ``"torch"`` or ``"onnxruntime"`` (int8 always).
+        unflipped: With :attr:`SingleCrop.flip`, the counts of the predictions without flips.
 
     """
 
@@ -112,6 +117,7 @@ class EvalResult:
     world_size: int = 1
     precision: str = "fp32"
     engine: str = "torch"
+    unflipped: ClassificationMetrics | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -133,41 +139,6 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 def _interpolation(cfg: dict[str, Any]) -> InterpolationMode:
     return InterpolationMode(cfg.get("interpolation", "bilinear"))
-
-
-@dataclass
-class _Unreadable:
-    path: str
-    reason: str
-
-
-class _EvalView(Dataset):
-    """A subset of a data set with the protocol's transform; unreadable items become markers."""
-
-    def __init__(self, dataset: Dataset, indices: Sequence[int], transform: Callable) -> None:
-        self.dataset, self.indices, self.transform = dataset, indices, transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Any, int] | _Unreadable:
-        try:
-            image, label = self.dataset[self.indices[i]]
-        except UnreadableImageError as err:
-            return _Unreadable(err.path, err.reason)
-        return self.transform(image), int(label)
-
-
-def _collate(stack: bool) -> Callable:
-    def collate(items: list) -> tuple[Any, torch.Tensor, list[_Unreadable]]:
-        bad = [item for item in items if isinstance(item, _Unreadable)]
-        good = [item for item in items if not isinstance(item, _Unreadable)]
-        inputs = [x for x, _ in good]
-        if stack and inputs:
-            inputs = torch.stack(inputs)
-        return inputs, torch.tensor([y for _, y in good], dtype=torch.long), bad
-
-    return collate
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -240,19 +211,6 @@ def _score_groups(
         yield from flush()
 
 
-def _shard(total: int) -> tuple[range, int, int]:
-    """Pick this process's indices: every ``world``-th item from its rank, so no item repeats."""
-    if dist.is_available() and dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    return range(rank, total, world), rank, world
-
-
-def _collective_device(device: torch.device) -> torch.device:
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 def describe_protocol(protocol: Protocol, cfg: dict[str, Any]) -> dict[str, Any]:
     """Describe, as JSON-able values, a protocol resolved against a model config."""
     size = int(cfg["input_size"][-1])
@@ -266,7 +224,8 @@ def describe_protocol(protocol: Protocol, cfg: dict[str, Any]) -> dict[str, Any]
     if isinstance(protocol, SingleCrop):
         crop_pct = protocol.crop_pct or cfg.get("crop_pct", 1.0)
         crop_mode = protocol.crop_mode or cfg.get("crop_mode", "center")
-        return dict(base, crop_pct=crop_pct, crop_mode=crop_mode)
+        described = dict(base, crop_pct=crop_pct, crop_mode=crop_mode)
+        return dict(described, flip=True) if protocol.flip else described
     scales = check_scales(protocol.scales or default_scales(size), size)
     return dict(
         base,
@@ -324,6 +283,7 @@ def evaluate(
     precision: str = "fp32",
     calibration: Dataset | None = None,
     runtime: str = "torch",
+    group: ProcessGroup | None = None,
 ) -> EvalResult:
     """Evaluate a classifier on a data set of ``(PIL image, label)`` items.
 
@@ -354,6 +314,8 @@ def evaluate(
             ranges; by default those of ``dataset`` itself.
         runtime: ``"torch"`` or ``"onnxruntime"`` (the folded fp32 model exported to ONNX and
             run by ONNX Runtime on the CPU; see :func:`polynet.fuse.optimize_for_inference`).
+        group: The processes sharing the work (default: the group this process has joined,
+            :func:`polynet.distributed.current`).
 
     Returns:
         The counts and what was skipped.
@@ -368,76 +330,114 @@ def evaluate(
     description = describe_protocol(protocol, cfg)
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
+    group = group or current(device)
     classes = list(getattr(dataset, "classes", None) or [])
     if not classes:
         raise ValueError("the data set has no 'classes' list; cannot name or count classes")
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    indices, rank, world = _shard(total)
-    interpolation = _interpolation(cfg)
-    multi = isinstance(protocol, MultiCrop)
-    if multi:
-        transform = MultiScaleResize(description["scales"], cfg["input_size"][0], interpolation)
-        images_per_load = max(1, math.ceil(batch_size / description["crops_per_image"]))
-    else:
-        transform = _single_crop_transform(cfg, description)
-        images_per_load = batch_size
-    description["transform"] = repr(transform)
-    loader = DataLoader(
-        _EvalView(dataset, indices, transform),
-        batch_size=images_per_load,
-        num_workers=num_workers,
-        collate_fn=_collate(stack=not multi),
-        pin_memory=device.type == "cuda",
-    )
+    # Every world_size-th image from this process's rank: no image twice, none padded in.
+    indices = range(group.rank, total, group.world_size)
     model = model.eval().to(device)
-    batches = None
+    calibration_inputs = None
     if precision == "int8":
         calibration_transform = _single_crop_transform(cfg, describe_protocol(SingleCrop(), cfg))
-        batches = calibration_batches(
+        calibration_inputs = calibration_batches(
             calibration if calibration is not None else dataset, calibration_transform, batch_size
         )
     runner = inference_model(
-        model, precision, batches, fuse=fuse, runtime=runtime, input_size=cfg["input_size"]
+        model,
+        precision,
+        calibration_inputs,
+        fuse=fuse,
+        runtime=runtime,
+        input_size=cfg["input_size"],
     )
     forward = AdaptiveBatchForward(runner, batch_size)
     metrics = ClassificationMetrics(len(classes), DEFAULT_TOPK)
-    unreadable: list[_Unreadable] = []
+    flips = isinstance(protocol, SingleCrop) and protocol.flip
+    unflipped = ClassificationMetrics(len(classes), DEFAULT_TOPK) if flips else None
+    unreadable: list[Unreadable] = []
     bar = tqdm(
         total=len(indices),
         unit="img",
-        disable=not progress or rank != 0,
+        disable=not progress or not group.is_main,
         desc=f"{protocol.name} eval",
         dynamic_ncols=True,
     )
     start = time.perf_counter()
     with bar:
-        if multi:
+        if isinstance(protocol, MultiCrop):
+            transform = MultiScaleResize(
+                description["scales"], cfg["input_size"][0], _interpolation(cfg)
+            )
+            loader = DataLoader(
+                EvalView(dataset, indices, transform),
+                batch_size=max(1, math.ceil(batch_size / description["crops_per_image"])),
+                num_workers=num_workers,
+                collate_fn=collate(stack=False),
+                pin_memory=device.type == "cuda",
+            )
             _run_multi_crop(
                 loader, forward, metrics, unreadable, bar, protocol, description, device, batch_size
             )
         else:
-            for inputs, labels, bad in loader:
-                unreadable.extend(bad)
-                if len(labels):
-                    metrics.update(forward(inputs.to(device, non_blocking=True)), labels)
-                bar.update(len(labels) + len(bad))
+            single = dict(cfg, crop_pct=description["crop_pct"], crop_mode=description["crop_mode"])
+            transform = eval_transform(single)
+            batches = single_crop_batches(
+                dataset, indices, single, batch_size, num_workers, device.type == "cuda"
+            )
+            _run_single_crop(batches, forward, metrics, unflipped, unreadable, bar, device)
+    description["transform"] = repr(transform)
     seconds = time.perf_counter() - start
     found = [(item.path, item.reason) for item in unreadable]
-    if world > 1:
-        metrics.all_reduce(_collective_device(device))
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (found, seconds))
+    if group.enabled:
+        for counts in (metrics, unflipped):
+            if counts is not None:
+                counts.all_reduce(group)
+        gathered = group.gather((found, seconds))
         found = [item for part, _ in gathered for item in part]
         seconds = max(part_seconds for _, part_seconds in gathered)
     engine = "onnxruntime" if precision == "int8" else runtime
-    return EvalResult(metrics, classes, description, found, seconds, world, precision, engine)
+    return EvalResult(
+        metrics,
+        classes,
+        description,
+        found,
+        seconds,
+        group.world_size,
+        precision,
+        engine,
+        unflipped,
+    )
+
+
+def _run_single_crop(
+    batches: Iterable[tuple[Any, torch.Tensor, list[Unreadable]]],
+    forward: AdaptiveBatchForward,
+    metrics: ClassificationMetrics,
+    unflipped: ClassificationMetrics | None,
+    unreadable: list[Unreadable],
+    bar: tqdm,
+    device: torch.device,
+) -> None:
+    """Count single-crop predictions (with their mirror images' where ``unflipped`` is kept)."""
+    for inputs, labels, bad in batches:
+        unreadable.extend(bad)
+        if len(labels):
+            images = inputs.to(device, non_blocking=True)
+            logits = forward(images)
+            if unflipped is not None:  # the mirror image votes too
+                unflipped.update(logits, labels)
+                logits = (logits + forward(images.flip(-1))) / 2
+            metrics.update(logits, labels, loss=True)
+        bar.update(len(labels) + len(bad))
 
 
 def _run_multi_crop(
     loader: DataLoader,
     forward: AdaptiveBatchForward,
     metrics: ClassificationMetrics,
-    unreadable: list[_Unreadable],
+    unreadable: list[Unreadable],
     bar: tqdm,
     protocol: MultiCrop,
     description: dict[str, Any],

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from polynet.distributed import ProcessGroup
 
 DEFAULT_TOPK = (1, 5)
 
@@ -59,20 +64,26 @@ class ClassificationMetrics:
         self.ks = tuple(ks)
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
         self.correct = torch.zeros(len(self.ks), dtype=torch.long)
+        self.loss_sum = torch.zeros((), dtype=torch.float64)  # cross-entropy, where counted
 
     @property
     def count(self) -> int:
         """Number of samples seen."""
         return int(self.confusion.sum())
 
-    def update(self, scores: torch.Tensor, targets: torch.Tensor) -> None:
-        """Add a batch of class scores ``(N, num_classes)`` and true labels ``(N,)``."""
+    def update(self, scores: torch.Tensor, targets: torch.Tensor, loss: bool = False) -> None:
+        """Add a batch of class scores ``(N, num_classes)`` and true labels ``(N,)``.
+
+        With ``loss``, the scores are logits and their summed cross-entropy is counted too.
+        """
         if scores.shape[-1] != self.num_classes:
             raise ValueError(
                 f"scores have {scores.shape[-1]} classes but the data set has "
                 f"{self.num_classes}; evaluate a model trained on this data set"
             )
         scores, targets = scores.detach().cpu(), targets.detach().cpu().long()
+        if loss:
+            self.loss_sum += F.cross_entropy(scores.float(), targets, reduction="sum").double()
         self.correct += torch.tensor(topk_correct(scores, targets, self.ks))
         pairs = targets * self.num_classes + scores.argmax(dim=1)
         self.confusion += torch.bincount(pairs, minlength=self.num_classes**2).view_as(
@@ -85,21 +96,23 @@ class ClassificationMetrics:
             raise ValueError("cannot merge metrics over different classes or k values")
         self.confusion += other.confusion
         self.correct += other.correct
+        self.loss_sum += other.loss_sum
 
-    def all_reduce(self, device: torch.device | str = "cpu") -> None:
-        """Sum the counts over every process of the default ``torch.distributed`` group.
+    def all_reduce(self, group: ProcessGroup) -> None:
+        """Sum the counts over the processes of ``group``."""
+        # float64 holds the integer counts exactly (up to 2**53 images).
+        state = torch.cat([self.confusion.flatten(), self.correct, self.loss_sum.view(1)])
+        state = group.all_sum(state.double()).cpu()
+        n = self.num_classes**2
+        self.confusion.copy_(state[:n].view_as(self.confusion).long())
+        self.correct.copy_(state[n : n + len(self.ks)].long())
+        self.loss_sum.copy_(state[-1])
 
-        Args:
-            device: Where the collective runs (a CUDA device for NCCL, CPU for gloo).
-
-        """
-        import torch.distributed as dist
-
-        state = torch.cat([self.confusion.flatten(), self.correct]).to(device)
-        dist.all_reduce(state, op=dist.ReduceOp.SUM)
-        state = state.cpu()
-        self.confusion.copy_(state[: self.num_classes**2].view_as(self.confusion))
-        self.correct.copy_(state[self.num_classes**2 :])
+    @property
+    def mean_loss(self) -> float:
+        """Mean cross-entropy over the counted samples (NaN when none was counted)."""
+        n = self.count
+        return float(self.loss_sum) / n if n else float("nan")
 
     def topk_accuracy(self) -> dict[int, float]:
         """Top-k accuracy (0-1) per ``k``; NaN when nothing was counted."""

@@ -59,6 +59,7 @@ def build_report(
         "protocol": result.protocol,
         "metrics": dict(
             metrics.summary(),
+            **_extra_metrics(result),
             per_class_accuracy={
                 name: (None if acc is None else 100.0 * acc)
                 for name, acc in zip(result.classes, per_class, strict=True)
@@ -184,3 +185,13 @@ def save_confusion_matrix(
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png"))
     plt.close(fig)
+
+
+def _extra_metrics(result: EvalResult) -> dict[str, float]:
+    """The mean loss where it was counted (single-crop), and the top-1 without flips."""
+    extra: dict[str, float] = {}
+    if result.protocol.get("name") == "single-crop" and result.metrics.count:
+        extra["loss"] = result.metrics.mean_loss
+    if result.unflipped is not None:
+        extra["top1_accuracy_unflipped"] = result.unflipped.summary()["top1_accuracy"]
+    return extra

@@ -1,12 +1,14 @@
-"""Training and evaluation batches whose randomness depends only on (seed, epoch, position).
+"""Training batches whose randomness depends only on (seed, epoch, position).
 
 Every random choice of the augmentation is drawn from a generator seeded by the sample's (or
 batch's) position in the run, never from a shared stream. A run resumed mid-epoch therefore sees
 exactly the batches the uninterrupted run saw, whatever the number of DataLoader workers.
 
-Two paths: data sets held in memory as a ``uint8`` tensor (Fashion-MNIST) are cropped, flipped
-and normalised a whole batch at a time on tensors, with no per-image PIL work and no worker
-processes; image folders are decoded and augmented per image in DataLoader workers.
+Each epoch is a fresh permutation of the training images, the same on every process
+(:func:`train_batches`). Two paths: data sets held in memory as a ``uint8`` tensor
+(Fashion-MNIST) are cropped, flipped and normalised a whole batch at a time on tensors, with
+no per-image PIL work and no worker processes; image folders are decoded and augmented per
+image in DataLoader workers. Evaluation batches are :mod:`polynet.evaluation.batches`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from polynet.data import UnreadableImageError, eval_transform, train_transform
+from polynet.data import UnreadableImageError, train_transform
+from polynet.evaluation.batches import channel_stats, normalize
 
 
 def position_seed(seed: int, epoch: int, position: int) -> int:
@@ -28,17 +31,29 @@ def position_seed(seed: int, epoch: int, position: int) -> int:
     return ((seed * 1_000_003 + epoch) * 2_147_483_659 + position) & (2**63 - 1)
 
 
-def _normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    mean_t = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """Return the shuffled sample order of an epoch, identical on every process."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
 
 
-def _stats(data_cfg: dict[str, Any], in_chans: int) -> tuple[list[float], list[float]]:
-    mean, std = list(data_cfg["mean"]), list(data_cfg["std"])
-    if len(mean) != in_chans:
-        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
-    return mean, std
+def train_batches(
+    num_samples: int, global_batch: int, seed: int, epoch: int, rank: int, world_size: int
+) -> list[torch.Tensor]:
+    """Return the index batches of process ``rank`` for one training epoch.
+
+    The epoch is ``num_samples // global_batch`` global batches of a fresh permutation (the
+    last incomplete one is dropped, so every step has the same global batch on every process);
+    process ``r`` takes images ``r * b .. (r + 1) * b`` of each, ``b = global_batch /
+    world_size``.
+    """
+    local = global_batch // world_size
+    order = epoch_permutation(num_samples, seed, epoch)
+    start = rank * local
+    return [
+        order[s * global_batch + start : s * global_batch + start + local]
+        for s in range(num_samples // global_batch)
+    ]
 
 
 class TensorTrainBatches:
@@ -74,7 +89,7 @@ class TensorTrainBatches:
         self.images = images if images.ndim == 4 else images.unsqueeze(1)
         self.targets = targets
         self.in_chans, self.height, self.width = data_cfg["input_size"]
-        self.mean, self.std = _stats(data_cfg, self.in_chans)
+        self.mean, self.std = channel_stats(data_cfg, self.in_chans)
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
         self.seed, self.rank = seed, rank
 
@@ -103,7 +118,14 @@ class TensorTrainBatches:
         theta[:, 1, 1], theta[:, 1, 2] = h, cy
         grid = F.affine_grid(theta, [n, self.in_chans, self.height, self.width], False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        return _normalize(x, self.mean, self.std), self.targets[indices]
+        return normalize(x, self.mean, self.std), self.targets[indices]
+
+    def epoch(
+        self, batches: Sequence[torch.Tensor], epoch: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield the batches of an epoch from its step ``start`` on, made one at a time."""
+        for i, indices in enumerate(batches):
+            yield self(indices, epoch, start + i)
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +182,14 @@ class FolderTrainBatches:
         self.seed, self.workers = seed, workers
         self.skipped: list[str] = []
 
-    def epoch(self, batches: Sequence[torch.Tensor], epoch: int) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(images, labels)`` for ``batches`` of an epoch, in order."""
+    def epoch(
+        self, batches: Sequence[torch.Tensor], epoch: int, start: int = 0
+    ) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(images, labels)`` for ``batches`` of an epoch, in order.
+
+        Augmentation is seeded per image, so where in the epoch ``batches`` start (``start``)
+        changes nothing.
+        """
         if not batches:
             return
         loader = DataLoader(
@@ -180,80 +208,3 @@ class FolderTrainBatches:
                 )
             self.skipped += skipped
             yield images, labels
-
-
-class _EvalItems(Dataset):
-    def __init__(self, dataset: Dataset, transform: Any, indices: Sequence[int]) -> None:
-        self.dataset, self.transform, self.indices = dataset, transform, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[Any, int] | str:
-        try:
-            img, label = self.dataset[self.indices[i]]
-        except UnreadableImageError as err:
-            return f"{err.path} ({err.reason})"
-        return self.transform(img), label
-
-
-def _collate_eval(items: list) -> tuple[Any, Any, list[str]]:
-    good = [item for item in items if not isinstance(item, str)]
-    skipped = [item for item in items if isinstance(item, str)]
-    if not good:
-        return None, None, skipped
-    images, labels = default_collate(good)
-    return images, labels, skipped
-
-
-def eval_batches(
-    dataset: Dataset,
-    indices: Sequence[int],
-    data_cfg: dict[str, Any],
-    batch_size: int,
-    workers: int,
-) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, list[str]]]:
-    """Yield ``(images, labels, skipped_paths)`` with the model's evaluation transform.
-
-    Unreadable images are left out and reported in ``skipped_paths``; ``images`` is None for a
-    batch without any readable image. A data set held in memory at the model's input size
-    (Fashion-MNIST at 28 px) is normalised a whole batch at a time instead: its evaluation
-    transform resizes and crops nothing, so the result is the same, without per-image PIL work.
-    """
-    if _is_tensor_identity(dataset, data_cfg):
-        yield from _tensor_eval_batches(dataset, indices, data_cfg, batch_size)
-        return
-    loader = DataLoader(
-        _EvalItems(dataset, eval_transform(data_cfg), indices),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_collate_eval,
-        generator=torch.Generator().manual_seed(0),  # leave the global RNG untouched
-    )
-    yield from loader
-
-
-def _is_tensor_identity(dataset: Dataset, data_cfg: dict[str, Any]) -> bool:
-    """Whether ``dataset`` is a uint8 tensor whose evaluation transform only normalises."""
-    images = getattr(dataset, "images", None)
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        return False
-    in_chans, height, width = data_cfg["input_size"]
-    chans = 1 if images.ndim == 3 else images.shape[1]
-    same_size = tuple(images.shape[-2:]) == (height, width)
-    return same_size and (data_cfg.get("crop_pct") or 1.0) == 1.0 and chans in (1, in_chans)
-
-
-def _tensor_eval_batches(
-    dataset: Dataset, indices: Sequence[int], data_cfg: dict[str, Any], batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
-    images = dataset.images if dataset.images.ndim == 4 else dataset.images.unsqueeze(1)
-    in_chans = data_cfg["input_size"][0]
-    mean, std = _stats(data_cfg, in_chans)
-    order = torch.as_tensor(list(indices), dtype=torch.long)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        x = images[chunk].float().div_(255)
-        if x.shape[1] != in_chans:  # grey -> RGB repeats, as MatchChannels does
-            x = x.expand(-1, in_chans, -1, -1)
-        yield _normalize(x, mean, std), torch.as_tensor(dataset.targets)[chunk], []

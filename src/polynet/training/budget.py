@@ -1,26 +1,26 @@
 """Fitting a run to a time budget, and an ETA that counts the evaluations still to come.
 
-A run given ``time_budget`` seconds measures, before it starts, how long one training step and
-one evaluated image take on this machine (on a throwaway copy of the model, so the run itself
-is untouched), and sets its length so that training, the per-epoch evaluations and the final
-one end inside the budget; the run re-plans at its own pace at its checkpoints
-(:mod:`polynet.training.planning`). Each plan is written into the run's ``config.yaml`` as
-``epochs``, so a resumed run keeps the last one on any machine.
+A run given ``time_budget`` seconds measures, before it starts, how long one of its training
+steps and one evaluated image take on this machine (the run's own step, on a throwaway copy
+of the model, so the run itself is untouched), and sets its length so that training, the
+per-epoch evaluations and the final one end inside the budget; the run re-plans at its own
+pace at its checkpoints (:mod:`polynet.training.planning`). Each plan is saved with the run's
+checkpoints and listed in its ``plan.json``, so a resumed run keeps the last one anywhere.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from polynet.devices import autocast
 from polynet.training.config import TrainConfig
+from polynet.training.step import TrainStep
 
 # Slack kept free of the budget for the final checkpoint, the curve and the report, and the
 # cost of every epoch's end (a checkpoint and the metrics files) besides its evaluation.
@@ -78,45 +78,33 @@ class EvalWork:
 
 
 def measure_speed(
-    model: nn.Module,
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    make_step: Callable[[], TrainStep],
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    autocast: Callable[[], torch.autocast],
-    device: torch.device,
-    memory_format: torch.memory_format,
     validation: Callable[[nn.Module], tuple[Callable, Callable]],
     eval_batch_size: int,
 ) -> Speed:
-    """Time training steps, recalibration and validation forwards on a copy of ``model``.
+    """Time the run's own training step, recalibration and validation forwards on a copy.
 
     Args:
-        model: The run's model (left untouched: a deep copy is trained).
-        make_optimizer: Builds the run's optimizer for a model.
+        make_step: Builds the run's step (:func:`~polynet.training.step.build_step`) on a
+            throwaway copy of its model: the same forward, loss, scaler, optimizer, moving
+            average and gradient all-reduce as the run's steps.
         batches: At least ``_WARMUP_STEPS + 1`` training batches (``PROBE_STEPS`` to time
             all the steps the probe times).
-        autocast: The run's autocast context.
-        device: Where the model runs.
-        memory_format: The run's memory format.
         validation: Maps a model in eval mode to what validation runs and its context
-            (:meth:`~polynet.training.evaluation.Evaluator.runner`).
+            (:meth:`~polynet.training.validation.Validation.runner`).
         eval_batch_size: Images per validation forward.
 
     """
-    probe = copy.deepcopy(model).train()
-    optimizer = make_optimizer(probe)
+    step = make_step()
+    probe, device = step.raw_model.train(), step.device
     times, images = [], None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         start = time.perf_counter()  # a step's time includes making its batch, as in training
         for i, (images, labels) in enumerate(batches):
             if i == _WARMUP_STEPS + _TIMED_STEPS:
                 break
-            images = images.to(device, memory_format=memory_format)
-            labels = labels.to(device)
-            with autocast():
-                loss = F.cross_entropy(probe(images).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            step(images, labels)
             _sync(device)
             now = time.perf_counter()
             if i >= _WARMUP_STEPS:
@@ -124,19 +112,20 @@ def measure_speed(
             start = now
         if not times:
             raise ValueError(f"measure_speed needs more than {_WARMUP_STEPS} training batches")
+        images = images.to(device, memory_format=step.memory_format)
         with torch.no_grad():
-            with autocast():
+            with autocast(device, step.amp):
                 recalibration = _best_time(lambda: probe(images), device) / len(images)
             runner, context = validation(probe.eval())
             views = images.repeat(math.ceil(eval_batch_size / len(images)), 1, 1, 1)
-            views = views[:eval_batch_size].contiguous(memory_format=memory_format)
+            views = views[:eval_batch_size].contiguous(memory_format=step.memory_format)
             with context():
                 view = _best_time(lambda: runner(views), device) / len(views)
     # The median is robust to one interrupted step; the margin covers the sustained pace of a
     # whole run, which on this 2-core machine was up to 14 % below 15 probe steps' (and up to
     # 12 % above it): a budget is a limit, so the plan errs on the short side.
-    step = sorted(times)[len(times) // 2] * PACE_MARGIN
-    return Speed(step, view * PACE_MARGIN, recalibration * PACE_MARGIN)
+    step_seconds = sorted(times)[len(times) // 2] * PACE_MARGIN
+    return Speed(step_seconds, view * PACE_MARGIN, recalibration * PACE_MARGIN)
 
 
 def _best_time(work: Callable[[], object], device: torch.device) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import types
@@ -167,7 +168,30 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the configuration as plain YAML/JSON-able values."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+    @property
+    def given(self) -> frozenset[str]:
+        """The settings named when this config was made, defaults left out.
+
+        ``TrainConfig(out=RUN, resume=True)`` gave ``out`` and ``resume``; :func:`build_config`
+        gives what its preset, file and overrides set, a value equal to the default included.
+        A resume compares only these with the saved run.
+        """
+        return self.__dict__.get("_given", frozenset(_FIELDS))
+
+
+def _record_given(init: Any) -> Any:
+    """Wrap the dataclass ``__init__`` so that a config knows which settings were named."""
+
+    def __init__(self: TrainConfig, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.__dict__["_given"] = frozenset([*list(_FIELDS)[: len(args)], *kwargs])
+
+    __init__.__doc__ = init.__doc__
+    __init__.__signature__ = inspect.signature(init)  # type: ignore[attr-defined]
+    return __init__
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -230,6 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TrainConfig.__init__ = _record_given(TrainConfig.__init__)  # type: ignore[method-assign]
 
 _CHOICES = {
     "optimizer": ("rmsproptf", "sgd", "adamw"),

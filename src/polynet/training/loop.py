@@ -1,76 +1,103 @@
-"""A training job: data, model, recipe, logging, checkpoints, resume and distributed runs.
+"""A training job from start to end: ``train(cfg)``, and the loop that drives its steps.
 
-``train(cfg)`` runs a whole job and returns a :class:`TrainResult`. :class:`Trainer` builds
-what the run is made of and saves and restores it; :class:`~polynet.training.epochs.EpochLoop`
-drives its epochs, and :class:`~polynet.training.planning.BudgetPlan` sets a time-budgeted run's
-length. The output folder holds:
+:class:`~polynet.training.trainer.Trainer` builds what a run is made of and saves and restores
+it; :class:`TrainingLoop` drives it from its current step to the end: the progress bar and
+ETA, stochastic paths switched on, the re-plans of a time budget, checkpoints within an epoch,
+each epoch's evaluation and metrics row, and the final evaluation.
 
-- ``config.yaml``: the resolved configuration (a later run into the folder must match it).
-- ``last.pt`` (and ``last.prev.pt``, the one before) and ``best.pt``: polynet checkpoints.
-  A ``last.next.pt`` exists only if a save was interrupted between its two renames.
-- ``metrics.csv`` / ``metrics.json``: one row per epoch; ``tb/``: TensorBoard events.
-- ``curve.png``: loss and top-1 per epoch; ``train.log``: the messages printed.
-
-Checkpoints hold the model, optimizer, scheduler, AMP scaler, the RNG states of every process,
-the stochastic-path state and the position in the epoch, so a resumed run continues exactly
-where the saved one stopped (bitwise on CPU in deterministic mode).
+Steps leave their loss and correct counts on the device; the loop reads them back (one
+collective over the processes, one host synchronisation) only where it reports or saves:
+every ``log_every`` steps, before a checkpoint and at the end of an epoch. A non-finite loss
+found there stops the run before anything is saved.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from polynet.devices import training_amp
+from polynet.distributed import launch_env
 from polynet.errors import UserError
-from polynet.network import describe_classes
-from polynet.training.budget import measure_speed
+from polynet.training.batches import train_batches
+from polynet.training.budget import Eta, evaluation_work, evaluations_left
 from polynet.training.config import TrainConfig, build_config
-from polynet.training.distributed import (
-    all_sum,
-    barrier,
-    eval_indices,
-    shutdown_distributed,
-)
-from polynet.training.ema import ModelEma
-from polynet.training.epochs import EpochLoop, TrainResult
-from polynet.training.evaluation import Evaluator
-from polynet.training.logs import RunLog, plot_curves
-from polynet.training.planning import BudgetPlan, probe_batches
-from polynet.training.recipe import build_optimizer, build_scheduler, rescheduled
-from polynet.training.rundir import RUN_FILES, RunFolder, resumed_config
-from polynet.training.setup import (
-    build_data,
-    data_config,
-    initial_model,
-    placed_for_training,
-    set_threads,
-    start_process,
-    train_device,
-    training_batches,
-)
-from polynet.training.state import TrainState, rng_state, set_rng_state
-from polynet.zoo import check_model_name, create_model
+from polynet.training.logs import plot_curves
+from polynet.training.planning import PACE_FROM_STEP
+from polynet.training.rundir import RUN_FILES, resumed_config
+from polynet.training.step import StepTotals
+from polynet.training.trainer import Trainer
+from polynet.zoo import create_model
 
-__all__ = ["RUN_FILES", "TrainResult", "Trainer", "TrainingDiverged", "plot_curves", "train"]
+__all__ = [
+    "RUN_FILES",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "TrainingLoop",
+    "plot_curves",
+    "train",
+]
 
 
 class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+@dataclass
+class TrainResult:
+    """What a finished run reports.
+
+    Attributes:
+        out: The output folder.
+        config: The run's configuration as asked (a resumed run's is the saved one).
+        final_top1: Top-1 (%) of the final weights on the whole validation split (or None).
+        final_loss: Mean loss there.
+        val_images: Images in that evaluation.
+        best_top1: Best per-epoch validation top-1 (%).
+        steps: Optimizer steps run in total.
+        epochs: Epochs run (fractional for a step-limited run).
+        images_per_second: Training throughput of this process's session.
+        seconds: Wall time of this session.
+        history: Per-epoch metrics.
+
+    """
+
+    out: Path
+    config: TrainConfig
+    final_top1: float | None = None
+    final_loss: float | None = None
+    val_images: int = 0
+    best_top1: float | None = None
+    steps: int = 0
+    epochs: float = 0.0
+    images_per_second: float = 0.0
+    seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def given_settings(config: TrainConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings a caller named: a mapping's keys, or those a :class:`TrainConfig` was given.
+
+    ``TrainConfig(out=RUN, resume=True)`` names ``out`` and ``resume`` only, so a resume
+    compares nothing else with the saved run; a value named explicitly counts even where it
+    equals the default.
+    """
+    if isinstance(config, TrainConfig):
+        return {k: getattr(config, k) for k in config.given}
+    return dict(config or {})
+
+
 def train(
-    config: TrainConfig | dict[str, Any] | None = None,
+    config: TrainConfig | Mapping[str, Any] | None = None,
     model_factory: Callable[..., nn.Module] = create_model,
     **overrides: Any,
 ) -> TrainResult:
@@ -94,15 +121,8 @@ def train(
         ValueError: For bad settings, a folder holding another run, or a diverged loss.
 
     """
-    if isinstance(config, TrainConfig):
-        defaults = TrainConfig()
-        explicit = {
-            k: v for k, v in config.to_dict().items() if v != getattr(defaults, k) or k == "out"
-        }
-    else:
-        explicit = dict(config or {})
-    explicit.update(overrides)
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+    explicit = {**given_settings(config), **overrides}
+    if launch_env().restart > 0:
         # torchrun restarted the workers after a failure: continue this run from its last
         # checkpoint (--overwrite would otherwise delete what the first attempt trained).
         explicit.update(resume=True, overwrite=False)
@@ -114,7 +134,7 @@ def train(
         cfg = build_config(**explicit)
     trainer = Trainer(cfg, model_factory)
     try:
-        return trainer.run()
+        return TrainingLoop(trainer).run()
     finally:
         trainer.close()
 
@@ -133,284 +153,251 @@ def divergence_message(loss: float, where: str, saved: Path | None) -> str:
     )
 
 
-class Trainer:
-    """One training job; :func:`train` is the usual entry point."""
+class TrainingLoop:
+    """Runs a :class:`~polynet.training.trainer.Trainer` from its current step to the end.
 
-    def __init__(
-        self, cfg: TrainConfig, model_factory: Callable[..., nn.Module] = create_model
-    ) -> None:
-        if model_factory is create_model and not cfg.init_from:
-            check_model_name(cfg.model)  # before anything slower can fail for another reason
-        self.model_factory = model_factory
-        self.cfg = cfg
-        self.start_time = time.time()
-        self.unflipped_top1: float | None = None  # with eval_flip: the last top-1 without
-        set_threads(cfg)
-        self.device = train_device(cfg)
-        # "auto" becomes what it chose, so config.yaml records it and a resume keeps it.
-        self.amp_chosen_by = "auto: " if cfg.amp == "auto" else ""
-        cfg = self.cfg = dataclasses.replace(cfg, amp=training_amp(cfg.amp, self.device))
-        self.device, self.dist = start_process(cfg, self.device)
-        self.out = Path(cfg.out)
-        self.folder = RunFolder(self.out, self.dist.is_main)
-        self.log = RunLog(self.out, self.dist.is_main)
-        self.folder.check(cfg)
-        barrier(self.dist)  # every process has checked before the main one writes
-        self.folder.prepare(cfg)
-        self.log.open_file()
-        barrier(self.dist)
-        try:
-            self._build_data()
-            self._build_model()
-            self.optimizer = build_optimizer(self.model, cfg)
-            self.plan = BudgetPlan(
-                cfg,
-                self.start_time,
-                self.steps_per_epoch,
-                self.val_set,
-                self.train_indices,
-                self.dist,
-            )
-            if cfg.time_budget and not (cfg.resume and self.folder.newest_saved()):
-                self._plan_length()  # a resumed run keeps the length planned at its start
-                cfg = self.cfg
-            self.scheduler, self.total_steps = build_scheduler(
-                self.optimizer, cfg, self.steps_per_epoch
-            )
-            self.scaler = torch.amp.GradScaler(
-                self.device.type, enabled=cfg.amp == "fp16" and self.device.type == "cuda"
-            )
-            self.state = TrainState()
-            if cfg.resume:
-                self._resume()
-        except BaseException:
-            self.log.close()
-            self.folder.abandon()  # a run that fails to start leaves no empty folder behind
-            raise
-        # Written once data, model and checkpoint have loaded: a run that fails to start
-        # leaves no config.yaml, so the corrected command is not refused as another run.
-        self.folder.write_config(cfg)
-        self.log.open_writer(self.state.global_step)
+    Args:
+        trainer: The built (and possibly resumed) run.
 
-    # ----------------------------------------------------------------------------------------
-    # Setup
+    """
 
-    def _build_data(self) -> None:
-        data = build_data(self.cfg)
-        self.train_set, self.val_set, self.classes = data.train_set, data.val_set, data.classes
-        self.train_indices, self.steps_per_epoch = data.train_indices, data.steps_per_epoch
-        self.data = data
-
-    def _build_model(self) -> None:
-        cfg = self.cfg
-        model, self.model_name, self.model_kwargs = initial_model(
-            cfg, self.model_factory, len(self.classes), self.log
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.eta = Eta(
+            evaluation_work(cfg, trainer.val_set, len(trainer.train_indices)), cfg.batch_size
         )
-        if getattr(model, "pretrained_cfg", None) is not None:
-            # A folder-trained model's classes are its own (timm's label_names), not the
-            # registered data set's.
-            describe_classes(model.pretrained_cfg, len(self.classes), self.classes)
-        self.data_cfg = data_config(model)
-        self.model, self.raw_model, self.memory_format = placed_for_training(
-            cfg, model, self.device, self.dist
-        )
-        self.ema = None
-        if cfg.ema_decay:
-            # timm's EMA with its warm-up: early averages do not drag the random init along.
-            self.ema = ModelEma(self.raw_model, decay=cfg.ema_decay, use_warmup=True)
-        self.batches: Any = training_batches(cfg, self.data, self.data_cfg, self.dist.rank)
-        self.evaluator = Evaluator(
-            self.device,
-            self.memory_format,
-            self._autocast,
-            max(1, cfg.batch_size // self.dist.world_size),
-            self.dist,
-            self.log,
-            precision={"none": "fp32", "bf16": "bf16"}.get(cfg.amp, cfg.amp),
-        )
-
-    def close(self) -> None:
-        """Close log files and leave the process group."""
-        self.log.close()
-        shutdown_distributed()
-
-    def _plan_length(self) -> None:
-        """Set ``epochs`` so that the run ends inside ``time_budget`` on this machine."""
-        cfg = self.cfg
-        speed = measure_speed(
-            self.raw_model,
-            lambda m: build_optimizer(m, cfg),
-            probe_batches(cfg, self.batches, self.train_indices, self.dist),
-            self._autocast,
-            self.device,
-            self.memory_format,
-            self.evaluator.runner,
-            self.evaluator.eval_batch_size,
-        )
-        self.cfg = dataclasses.replace(cfg, epochs=self.plan.first(speed) / self.steps_per_epoch)
-
-    def replan(self, pace_seconds: float) -> None:
-        """Fit the rest of the run to the budget at the pace of its steps so far."""
-        steps = self.plan.again(self.state.global_step, pace_seconds)
-        self.cfg = dataclasses.replace(self.cfg, epochs=steps / self.steps_per_epoch)
-        self.scheduler, self.total_steps = rescheduled(
-            self.optimizer, self.scheduler, self.cfg, self.steps_per_epoch
-        )
-        self.folder.write_config(self.cfg)  # before any checkpoint: a resume continues this plan
-        self.log(
-            f"time budget: re-planned after {self.state.global_step} steps at "
-            f"{self.cfg.batch_size / pace_seconds:.0f} training images/s: "
-            f"{self.cfg.epochs:.2f} epochs ({self.total_steps:,} steps)"
-        )
-
-    # ----------------------------------------------------------------------------------------
-    # Checkpoints
-
-    def _payload(self) -> dict[str, Any]:
-        rng = rng_state()
-        if self.dist.enabled:
-            every: list[Any] = [None] * self.dist.world_size
-            dist.all_gather_object(every, rng)
-        else:
-            every = [rng]
-        config = getattr(self.raw_model, "config", None)
-        return dict(
-            model_name=self.model_name,
-            model_config=config.to_dict() if config is not None else {},
-            # Models without a config (the ablation's ResNets) are rebuilt from these.
-            model_kwargs={} if config is not None else self.model_kwargs,
-            # The weights that were evaluated (the average, with EMA) are what a loader gets;
-            # the training weights travel separately for resuming.
-            model=self._evaluated_model().state_dict(),
-            train_model=self.raw_model.state_dict() if self.ema is not None else None,
-            optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(),
-            scaler=self.scaler.state_dict(),
-            rng=every,
-            train_state=self.state.to_dict(),
-            config=self.cfg.to_dict(),
-            class_names=self.classes,
-            pretrained_cfg={
-                k: list(v) if isinstance(v, tuple) else v
-                for k, v in self.data_cfg.items()
-                if isinstance(v, (str, int, float, bool, tuple, list)) or v is None
-            },
-        )
-
-    def save(self, best: bool = False) -> None:
-        """Write ``last.pt`` (keeping the previous one as ``last.prev.pt``) and maybe ``best.pt``.
-
-        Every process takes part (RNG states are gathered); only the main one writes.
-        """
-        self.folder.save(self._payload(), best)
-        barrier(self.dist)
-
-    def _resume(self) -> None:
-        payload = self.folder.latest_checkpoint(self.device, self.log)
-        if payload is None:
-            self.log(f"no checkpoint to resume in {self.out}; starting from the beginning")
-            return
-        self.raw_model.load_state_dict(payload.get("train_model") or payload["model"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.state = TrainState.from_dict(payload["train_state"])
-        rng = payload["rng"]
-        set_rng_state(rng[self.dist.rank] if self.dist.rank < len(rng) else rng[0])
-        if self.state.path_drop_on:
-            self.raw_model.set_path_drop(self.cfg.path_drop)
-        self.log(
-            f"resumed {self.out} at epoch {self.state.epoch + 1}, step {self.state.global_step}"
-        )
-
-    # ----------------------------------------------------------------------------------------
-    # Evaluation
-
-    def evaluate(self, limit: int | None = None) -> tuple[float, float, int]:
-        """Mean loss, top-1 (%) and image count on the validation split (all processes)."""
-        assert self.val_set is not None
-        if self.cfg.bn_recalibrate:
-            self.recalibrate_batchnorm(self.cfg.bn_recalibrate)
-        # Without the DDP wrapper: processes may run different numbers of evaluation batches.
-        model = self._evaluated_model() if self.dist.enabled or self.ema else self.model
-        n = len(self.val_set) if limit is None else min(limit, len(self.val_set))
-        workers = self.cfg.workers if not hasattr(self.val_set, "images") else 0
-        loss, top1, count, unflipped = self.evaluator.validate(
-            model,
-            self.val_set,
-            eval_indices(n, self.dist),
-            self.data_cfg,
-            workers,
-            self.cfg.eval_flip,
-        )
-        self.unflipped_top1 = unflipped
-        return loss, top1, count
-
-    def recalibrate_batchnorm(self, num_images: int) -> None:
-        """Recompute BatchNorm statistics over ``num_images`` training images (seeded choice).
-
-        Every process uses the same images, so the statistics agree across processes.
-        """
-        order = torch.randperm(
-            len(self.train_indices), generator=torch.Generator().manual_seed(self.cfg.seed)
-        )
-        indices = self.train_indices[order[:num_images]].tolist()
-        self.evaluator.recalibrate_batchnorm(
-            self._evaluated_model(), self.train_set, indices, self.data_cfg
-        )
-
-    def _evaluated_model(self) -> nn.Module:
-        """The weights a run evaluates and publishes: the moving average with EMA."""
-        return self.ema.module if self.ema is not None else self.raw_model
-
-    def _autocast(self) -> torch.autocast:
-        enabled = self.cfg.amp != "none"  # bf16 on a CPU too; fp16 there is refused at setup
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled)
-
-    # ----------------------------------------------------------------------------------------
-    # Training
-
-    def switch_path_drop(self, epoch: int, reason: str) -> None:
-        """Turn stochastic paths on from ``epoch`` (0-based) and say why in the log."""
-        self.raw_model.set_path_drop(self.cfg.path_drop)
-        self.state.path_drop_on, self.state.path_drop_epoch = True, epoch
-        self.log(
-            f"stochastic paths on from epoch {epoch + 1} ({reason}): drop probability 0 at the "
-            f"first unit rising to {self.cfg.path_drop} at the last"
-        )
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """One optimizer step on a batch: its mean loss and correct predictions.
-
-        Raises:
-            TrainingDiverged: If the loss is not finite in any process (nothing is updated).
-
-        """
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        labels = labels.to(self.device, non_blocking=True)
-        with self._autocast():
-            logits = self.model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
-        loss_value = loss.item()
-        finite = all_sum(self.dist, float(math.isfinite(loss_value)))[0] == self.dist.world_size
-        if not finite:
-            where = f"at step {self.state.global_step + 1} (epoch {self.state.epoch + 1})"
-            raise TrainingDiverged(
-                divergence_message(loss_value, where, self.folder.newest_saved())
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.raw_model, step=self.state.global_step + 1)
-        correct = (logits.detach().argmax(1) == labels).sum().item()
-        return loss_value, correct
+        self.totals = StepTotals(trainer.device)
+        self.last_loss = math.nan  # mean training loss since the last read, for the log
 
     def run(self) -> TrainResult:
-        """Train to the end of the configured run and evaluate the final weights."""
-        return EpochLoop(self).run()
+        """Train to the end of the planned run and evaluate the final weights."""
+        t = self.trainer
+        state = t.state
+        session_start = time.time()
+        self.session_images = 0
+        self.pace_mark: tuple[float, int] | None = None  # (step seconds, steps) of the last plan
+        if state.global_step == 0:
+            self._announce()
+        while state.global_step < t.total_steps:
+            self._epoch()
+        return self._finish(time.time() - session_start)
+
+    def _announce(self) -> None:
+        t, cfg = self.trainer, self.trainer.cfg
+        params = sum(p.numel() for p in t.raw_model.parameters())
+        precision = {"none": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}[cfg.amp]
+        threads = torch.get_num_threads()
+        processes = t.group.world_size
+        t.log(
+            f"training {t.model_name} ({params:,} parameters) on {cfg.data}: "
+            f"{len(t.train_indices):,} images, {t.total_steps:,} steps of "
+            f"{cfg.batch_size} ({t.total_steps / t.steps_per_epoch:.3g} epochs), lr "
+            f"{cfg.learning_rate:g}, {processes} process{'es' if processes != 1 else ''} on "
+            f"{t.device} ({threads} thread{'s' if threads != 1 else ''}, "
+            f"{t.amp_chosen_by}{precision})"
+        )
+        if t.plan.note:
+            t.log(t.plan.note)
+
+    def _steps_this_epoch(self, epoch_steps: int) -> int:
+        """Steps of the current epoch that the plan in force runs (the bar's total)."""
+        t = self.trainer
+        return min(epoch_steps, t.state.step_in_epoch + t.total_steps - t.state.global_step)
+
+    def _epoch(self) -> None:
+        """Run the current epoch to its end, or to the run's end if that comes first.
+
+        The epoch's batches are its whole permutation from where it stands: a re-plan that
+        lengthens the run goes on through them, so no sample is skipped or repeated.
+        """
+        t = self.trainer
+        cfg, state, epoch = t.cfg, t.state, t.state.epoch
+        if (
+            not state.path_drop_on
+            and cfg.path_drop_epoch is not None
+            and epoch >= cfg.path_drop_epoch
+            and cfg.path_drop > 0
+        ):
+            t.switch_path_drop(epoch, f"path_drop_epoch {cfg.path_drop_epoch:g}")
+        order = train_batches(
+            len(t.train_indices), cfg.batch_size, cfg.seed, epoch, t.group.rank, t.group.world_size
+        )
+        start = state.step_in_epoch
+        stream = t.batches.epoch([t.train_indices[b] for b in order[start:]], epoch, start)
+        t.model.train()
+        bar = tqdm(
+            total=self._steps_this_epoch(len(order)),
+            initial=start,
+            desc=f"epoch {epoch + 1}/{math.ceil(t.total_steps / t.steps_per_epoch)}",
+            disable=not (t.group.is_main and cfg.progress),
+            dynamic_ncols=True,
+            leave=False,
+            file=sys.stderr,
+        )
+        tick = step_start = time.time()
+        for images, labels in stream:
+            self.totals.add(t.train_step(images, labels), state.global_step + 1)
+            state.advance()
+            self.session_images += len(labels) * t.group.world_size
+            now = time.time()
+            self.eta.step(now - step_start)
+            step_start = now
+            self._maybe_replan(bar, len(order))
+            bar.update(1)
+            ends_epoch = state.step_in_epoch == len(order) or state.global_step >= t.total_steps
+            saves = bool(cfg.checkpoint_every) and state.global_step % cfg.checkpoint_every == 0
+            if ends_epoch or saves or state.global_step % cfg.log_every == 0:
+                self._read_totals(bar, len(order))
+            if saves and not ends_epoch:  # the epoch end saves anyway
+                t.save()
+            if ends_epoch:
+                break
+        bar.close()
+        self._end_epoch(epoch, state.step_in_epoch == len(order), time.time() - tick)
+
+    def _maybe_replan(self, bar: tqdm, epoch_steps: int) -> None:
+        t, state = self.trainer, self.trainer.state
+        if state.global_step == PACE_FROM_STEP:
+            self.pace_mark = (self.eta.step_seconds, self.eta.steps)
+        if state.global_step == t.plan.replan_at and self.pace_mark is not None:
+            # The steps' own pace since the last plan: evaluations are costed apart.
+            seconds, steps = self.eta.step_seconds, self.eta.steps
+            t.replan((seconds - self.pace_mark[0]) / max(1, steps - self.pace_mark[1]))
+            self.pace_mark = (seconds, steps)
+            bar.total = self._steps_this_epoch(epoch_steps)
+            bar.set_description(
+                f"epoch {state.epoch + 1}/{math.ceil(t.total_steps / t.steps_per_epoch)}"
+            )
+
+    def _read_totals(self, bar: tqdm, epoch_steps: int) -> None:
+        """Bring the steps' sums to the host (all processes); stop on a non-finite loss."""
+        t, state = self.trainer, self.trainer.state
+        loss_sum, correct, images, bad = self.totals.read(t.group)
+        if bad is not None:
+            step, loss = bad
+            where = f"at step {step} (epoch {state.epoch + 1})"
+            raise TrainingDiverged(divergence_message(loss, where, t.folder.newest_saved()))
+        state.add_totals(loss_sum, correct, images)
+        self.last_loss = loss_sum / max(images, 1)
+        rate = self.eta.images_per_second * t.group.world_size
+        remaining = self.eta.seconds_left(
+            t.total_steps - state.global_step,
+            evaluations_left(
+                t.cfg,
+                state.epoch,
+                math.ceil(t.total_steps / t.steps_per_epoch),
+                t.val_set is not None,
+            ),
+        )
+        bar.set_postfix(
+            loss=f"{state.loss_sum / max(state.images, 1):.3f}",
+            acc=f"{100 * state.correct / max(state.images, 1):.1f}",
+            img_s=f"{rate:.0f}",
+            eta=f"{remaining / 60:.1f}m",
+            refresh=False,
+        )
+        if state.global_step % t.cfg.log_every == 0:
+            lr = t.optimizer.param_groups[0]["lr"]
+            t.log.scalars(
+                state.global_step,
+                "train",
+                dict(loss=self.last_loss, lr=lr, images_per_second=rate),
+            )
+
+    def _end_epoch(self, epoch: int, complete: bool, seconds: float) -> None:
+        t = self.trainer
+        cfg, state = t.cfg, t.state
+        count = max(state.images, 1)
+        row: dict[str, Any] = dict(
+            epoch=epoch + (1 if complete else state.step_in_epoch / t.steps_per_epoch),
+            step=state.global_step,
+            lr=t.optimizer.param_groups[0]["lr"],
+            train_loss=state.loss_sum / count,
+            train_top1=100 * state.correct / count,
+            path_drop=t.raw_model.path_drop_rate,
+            seconds=seconds,
+        )
+        is_best = False
+        last_epoch = state.global_step >= t.total_steps
+        if (
+            t.val_set is not None
+            and cfg.eval_every
+            and ((epoch + 1) % cfg.eval_every == 0 or last_epoch)
+        ):
+            started = time.time()
+            row["val_loss"], row["val_top1"], row["val_images"] = t.evaluate(cfg.val_subset)
+            self.eta.evaluated(time.time() - started)
+            is_best = state.best_top1 is None or row["val_top1"] > state.best_top1
+            if is_best:
+                state.best_top1 = row["val_top1"]
+            gap = row["train_top1"] - row["val_top1"]
+            if (
+                cfg.path_drop_gap is not None
+                and not state.path_drop_on
+                and cfg.path_drop > 0
+                and gap > cfg.path_drop_gap
+                and not last_epoch
+            ):
+                t.switch_path_drop(
+                    epoch + 1, f"train-val top-1 gap {gap:.1f} > {cfg.path_drop_gap:g}"
+                )
+        state.history.append(row)
+        val = (
+            f", val loss {row['val_loss']:.4f}, val top-1 {row['val_top1']:.2f}%"
+            if "val_top1" in row
+            else ""
+        )
+        t.log(
+            f"epoch {round(row['epoch'], 2):g}: train loss {row['train_loss']:.4f}, train top-1 "
+            f"{row['train_top1']:.2f}%{val}, lr {row['lr']:.4g}, {seconds:.0f} s"
+        )
+        t.log.scalars(
+            state.global_step, "epoch", {k: v for k, v in row.items() if k not in ("epoch", "step")}
+        )
+        state.next_epoch()
+        t.save(best=is_best)
+        t.log.metrics(state.history)
+
+    def _finish(self, seconds: float) -> TrainResult:
+        t = self.trainer
+        cfg, state = t.cfg, t.state
+        result = TrainResult(
+            out=t.out,
+            config=t.asked,
+            best_top1=state.best_top1,
+            steps=state.global_step,
+            epochs=state.global_step / t.steps_per_epoch,
+            images_per_second=self.session_images / max(seconds, 1e-9),
+            seconds=seconds,
+            history=list(state.history),
+        )
+        if t.val_set is not None and cfg.final_eval:  # on the whole split unless val_subset
+            last = state.history[-1] if state.history else {}
+            if last.get("step") == state.global_step and "val_top1" in last:
+                # The last epoch already evaluated these weights on the same images.
+                result.final_loss, result.final_top1 = last["val_loss"], last["val_top1"]
+                result.val_images = last["val_images"]
+            else:
+                result.final_loss, result.final_top1, result.val_images = t.evaluate(cfg.val_subset)
+            flip = ""
+            if cfg.eval_flip and t.unflipped_top1 is not None:
+                flip = f" with test-time flips ({t.unflipped_top1:.2f}% without)"
+            t.log(
+                f"final weights: top-1 {result.final_top1:.2f}% on the {result.val_images:,} "
+                f"{'test' if 'mnist' in cfg.data.lower() else 'validation'} images{flip}"
+            )
+        t.folder.write_result(
+            dict(
+                final_top1=result.final_top1,
+                final_loss=result.final_loss,
+                val_images=result.val_images,
+                best_top1=result.best_top1,
+                steps=result.steps,
+                images_per_second=result.images_per_second,
+                seconds=seconds,
+            )
+        )
+        if t.group.is_main:
+            plot_curves(state.history, t.out / "curve.png")
+        return result

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from polynet.training.batches import TensorTrainBatches
+from polynet.distributed import ProcessGroup
+from polynet.training.batches import train_batches
 from polynet.training.budget import (
     PROBE_STEPS,
     REPLAN_AFTER_STEPS,
@@ -28,23 +29,22 @@ from polynet.training.budget import (
     plan_steps,
 )
 from polynet.training.config import TrainConfig
-from polynet.training.distributed import DistInfo, all_sum, train_batches
 
 PACE_FROM_STEP = 10
 """The re-plan times the steps after this one (the first steps pay for set-up)."""
 
 
 def probe_batches(
-    cfg: TrainConfig, batches: Any, train_indices: torch.Tensor, dist: DistInfo
+    cfg: TrainConfig, batches: Any, train_indices: torch.Tensor, group: ProcessGroup
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The run's first ``PROBE_STEPS`` training batches, for timing its steps.
 
     A small training set has fewer batches than the probe times: it sees them again.
     """
-    order = train_batches(len(train_indices), cfg.batch_size, cfg.seed, 0, dist)
+    order = train_batches(
+        len(train_indices), cfg.batch_size, cfg.seed, 0, group.rank, group.world_size
+    )
     first = [train_indices[order[i % len(order)]] for i in range(PROBE_STEPS)]
-    if isinstance(batches, TensorTrainBatches):
-        return (batches(b, 0, i) for i, b in enumerate(first))
     return batches.epoch(first, 0)
 
 
@@ -57,7 +57,7 @@ class BudgetPlan:
         steps_per_epoch: Steps of one epoch.
         val_set: The validation split (its evaluations are part of the budget), or None.
         train_indices: The training images.
-        dist: The process group.
+        group: The process group.
 
     Attributes:
         replan_at: The step after which :meth:`again` is due (None: never).
@@ -72,9 +72,9 @@ class BudgetPlan:
         steps_per_epoch: int,
         val_set: Sized | None,
         train_indices: Sized,
-        dist: DistInfo,
+        group: ProcessGroup,
     ) -> None:
-        self.cfg, self.start_time, self.dist = cfg, start_time, dist
+        self.cfg, self.start_time, self.group = cfg, start_time, group
         self.steps_per_epoch, self.val_set, self.train_indices = (
             steps_per_epoch,
             val_set,
@@ -119,7 +119,7 @@ class BudgetPlan:
         steps = plan_steps(
             self.cfg, speed, left, self.steps_per_epoch, self.val_set, self.train_indices
         )
-        return int(all_sum(self.dist, float(steps) if self.dist.is_main else 0.0)[0])
+        return int(self.group.from_main(steps))  # every process runs the main one's plan
 
 
 __all__ = ["PACE_FROM_STEP", "BudgetPlan", "probe_batches"]

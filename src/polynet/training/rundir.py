@@ -9,8 +9,13 @@ an explicit setting that would change the run is refused with the key and a fix 
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,9 +28,12 @@ from polynet.outputs import write_json, write_text
 from polynet.training.config import TrainConfig, build_config, defines_run, load_yaml
 
 CONFIG_FILE = "config.yaml"
+PLAN_FILE = "plan.json"
+LOCK_FILE = ".lock"
 # Files a run writes into its output folder (``--overwrite`` removes only these and tb/).
 RUN_FILES = (
     CONFIG_FILE,
+    PLAN_FILE,
     "last.pt",
     "last.next.pt",
     "last.prev.pt",
@@ -91,6 +99,58 @@ class RunFolder:
         self.out = Path(out)
         self.is_main = is_main
         self._created = False
+        self._lock: int | None = None
+
+    def claim(self) -> None:
+        """Make this process the folder's one writer, or refuse at once naming the holder.
+
+        The claim is an exclusive ``flock`` on the folder itself (main process), which the
+        kernel drops when its holder exits, however it exits (a SIGKILL too), and which
+        travels with the folder when it is moved: a dead holder's folder is taken over, a live
+        one's never. While it is held, ``.lock`` names the holder; a clean exit removes it.
+
+        Raises:
+            UserError: If another process is training in the folder, or it cannot be made.
+
+        """
+        if not self.is_main:
+            return
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"output {self.out} is a file; choose another --out")
+        self._created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as err:  # a file in the path, a read-only or full file system, ...
+            raise UserError(
+                f"cannot create output folder {self.out}: {err.strerror}; choose another --out"
+            ) from err
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                holder = (self.out / LOCK_FILE).read_text().strip()
+            except OSError:
+                holder = ""
+            raise UserError(
+                f"output folder {self.out} is in use by {holder or 'another process'}; wait for "
+                "it to end, stop it, or choose another --out"
+            ) from None
+        self._lock = fd
+        command = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])
+        (self.out / LOCK_FILE).write_text(
+            f"pid {os.getpid()} on {socket.gethostname()} since "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} ({command})\n"
+        )
+
+    def release(self) -> None:
+        """Give the folder up."""
+        if self._lock is not None:
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            os.close(self._lock)
+            self._lock = None
 
     def check(self, cfg: TrainConfig) -> None:
         """Refuse a folder that holds another run unless resuming or overwriting."""
@@ -110,7 +170,7 @@ class RunFolder:
             for name in RUN_FILES:
                 (self.out / name).unlink(missing_ok=True)
             shutil.rmtree(self.out / "tb", ignore_errors=True)
-        self._created = not self.out.exists()
+        self._created = self._created or not self.out.exists()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # a file in the path, a read-only or full file system, ...
@@ -128,7 +188,11 @@ class RunFolder:
     def abandon(self) -> None:
         """Remove the folder again if this start created it and wrote nothing of a run."""
         if self.is_main and self._created and self.out.is_dir():
-            leftovers = [p for p in self.out.iterdir() if p.name not in ("train.log", "tb")]
+            leftovers = [
+                p
+                for p in self.out.iterdir()
+                if p.name not in ("train.log", "tb", PLAN_FILE, LOCK_FILE)
+            ]
             if not leftovers:
                 shutil.rmtree(self.out, ignore_errors=True)
 
@@ -136,6 +200,14 @@ class RunFolder:
         """Record the run's configuration (once it has started, so a failed start is not a run)."""
         if self.is_main:
             write_text(self.out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def record_plan(self, plan: dict[str, Any], time_budget: float | None) -> None:
+        """Add a plan of the run's length to ``plan.json`` (what was asked stays in config)."""
+        if not self.is_main:
+            return
+        path = self.out / PLAN_FILE
+        plans = json.loads(path.read_text()).get("plans", []) if path.is_file() else []
+        write_json(path, dict(time_budget=time_budget, plans=[*plans, plan]))
 
     def save(self, payload: dict[str, Any], best: bool = False) -> None:
         """Write ``last.pt`` (keeping the one before as ``last.prev.pt``) and maybe ``best.pt``."""

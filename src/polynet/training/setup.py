@@ -1,6 +1,6 @@
 """What a run is made of before its first step: threads, device, data and the model.
 
-The functions here are the parts of :class:`~polynet.training.loop.Trainer`'s setup that do
+The functions here are the parts of :class:`~polynet.training.trainer.Trainer`'s setup that do
 not depend on each other's state, each testable alone.
 """
 
@@ -18,12 +18,11 @@ from torch.utils.data import Dataset
 
 from polynet.data import build_dataset
 from polynet.devices import resolve_device
+from polynet.distributed import ProcessGroup, join
 from polynet.errors import UserError
 from polynet.loading import build_from_file
-from polynet.regional import compile_units
 from polynet.training.batches import FolderTrainBatches, TensorTrainBatches
 from polynet.training.config import TrainConfig
-from polynet.training.distributed import DistInfo, init_distributed
 from polynet.training.state import seed_everything
 from polynet.weights import fit_state_dict, read_weights
 
@@ -43,7 +42,7 @@ def train_device(cfg: TrainConfig) -> torch.device:
     return torch.device(resolve_device(cfg.device).type)
 
 
-def start_process(cfg: TrainConfig, device: torch.device) -> tuple[torch.device, DistInfo]:
+def start_process(cfg: TrainConfig, device: torch.device) -> tuple[torch.device, ProcessGroup]:
     """Join the process group (under torchrun), take this process's GPU and seed it.
 
     Also checks that the run fits the group and sets the determinism flags.
@@ -52,16 +51,14 @@ def start_process(cfg: TrainConfig, device: torch.device) -> tuple[torch.device,
         UserError: For ``sync_bn`` off CUDA or a batch that does not split over the processes.
 
     """
-    dist = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    if cfg.sync_bn and dist.enabled and device.type != "cuda":
+    group = join(device)
+    device = group.device
+    if cfg.sync_bn and group.enabled and device.type != "cuda":
         raise UserError("sync_bn needs CUDA (SyncBatchNorm has no CPU version); drop --sync-bn")
-    if cfg.batch_size % dist.world_size:
+    if cfg.batch_size % group.world_size:
         raise UserError(
             f"batch_size {cfg.batch_size} does not split evenly over "
-            f"{dist.world_size} processes; use a multiple of {dist.world_size}"
+            f"{group.world_size} processes; use a multiple of {group.world_size}"
         )
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -69,34 +66,27 @@ def start_process(cfg: TrainConfig, device: torch.device) -> tuple[torch.device,
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    seed_everything(cfg.seed + dist.rank)
-    return device, dist
+    seed_everything(cfg.seed + group.rank)
+    return device, group
 
 
 def placed_for_training(
-    cfg: TrainConfig, model: nn.Module, device: torch.device, dist: DistInfo
-) -> tuple[nn.Module, nn.Module, torch.memory_format]:
-    """``model`` on ``device`` in its memory format, converted, compiled and wrapped as asked.
+    cfg: TrainConfig, model: nn.Module, device: torch.device, group: ProcessGroup
+) -> tuple[nn.Module, torch.memory_format]:
+    """``model`` on ``device`` in its memory format, its norms synchronised as asked.
 
     Returns:
-        The module the steps call (compiled units, DDP-wrapped in a process group), the model
-        itself (what is saved and averaged) and the memory format of the inputs: channels-last
-        where ``cfg.channels_last`` says, by default on CUDA.
+        The model (what is saved, averaged and wrapped for the steps,
+        :func:`~polynet.training.step.wrap_for_training`) and the memory format of the inputs:
+        channels-last where ``cfg.channels_last`` says, by default on CUDA.
 
     """
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     raw = model.to(device).to(memory_format=memory_format)
-    if cfg.sync_bn and dist.enabled:
+    if cfg.sync_bn and group.enabled:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
-    model = raw
-    if cfg.compile:
-        model = compile_units(model)  # regional: the units compile in place
-    if dist.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    return model, raw, memory_format
+    return raw, memory_format
 
 
 @dataclass

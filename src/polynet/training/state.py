@@ -30,6 +30,8 @@ class TrainState:
         correct: Correct training predictions in the current epoch.
         images: Training images seen in the current epoch.
         history: One row of metrics per finished epoch.
+        planned_epochs: The length a time budget planned last (None without a budget), so a
+            resumed run continues that plan.
 
     """
 
@@ -43,14 +45,18 @@ class TrainState:
     correct: float = 0.0
     images: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    planned_epochs: float | None = None
 
-    def add_batch(self, loss: float, correct: int, images: int) -> None:
-        """Count one optimizer step of ``images`` training images."""
-        self.loss_sum += loss * images
-        self.correct += correct
-        self.images += images
+    def advance(self) -> None:
+        """Count one optimizer step."""
         self.step_in_epoch += 1
         self.global_step += 1
+
+    def add_totals(self, loss_sum: float, correct: float, images: float) -> None:
+        """Add the summed loss x images, correct predictions and images of steps taken."""
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.images += images
 
     def next_epoch(self) -> None:
         """Start the next epoch's counters."""
