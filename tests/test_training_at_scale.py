@@ -24,28 +24,12 @@ from polynet.cli import main
 from polynet.errors import UserError
 from polynet.training import loop
 from polynet.training.config import TrainConfig
+from test_distributed import RUN as TINY_RUN
 
 SRC = Path(polynet.__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-RUN = dict(
-    model="polynet_small",
-    model_kwargs=TINY,
-    data="fashion-mnist",
-    train_subset=64,
-    batch_size=16,
-    epochs=1,
-    lr=0.05,
-    optimizer="sgd",
-    weight_decay=0.0,
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    hflip=0.0,
-    val_subset=40,
-    eval_flip=True,
-    amp="none",
-    workers=0,
-    progress=False,
-)
+# test_distributed's tiny run, validated on 40 images with test-time flips, in fp32 everywhere.
+RUN = dict(TINY_RUN, val_subset=40, final_eval=True, eval_flip=True, amp="none")
 
 # ---------------------------------------------------------------------------------------------
 # One process group
