@@ -320,3 +320,17 @@ def test_a_folder_in_use_is_refused_at_once_and_taken_over_when_its_holder_died(
         loop.Trainer.train_step = original
     assert "resumed " in (moved / "train.log").read_text()
     assert not (moved / ".lock").exists()  # released when the resumed run ended
+
+
+def test_step_totals_add_on_the_device_and_name_the_first_non_finite_step():
+    from polynet.training.step import StepOutput, StepTotals
+
+    totals = StepTotals(torch.device("cpu"))
+    for step, loss in enumerate([0.5, float("nan"), float("inf"), 1.0], start=1):
+        totals.add(StepOutput(torch.tensor(loss), torch.tensor(2), 4), step)
+    loss_sum, correct, images, bad = totals.read(distributed.SINGLE)
+    assert (loss_sum, correct, images) == (6.0, 8.0, 16.0)  # finite losses x images
+    assert bad[0] == 2 and bad[1] != bad[1]  # the first non-finite step, its loss (nan)
+    totals.add(StepOutput(torch.tensor(0.25), torch.tensor(1), 4), 5)
+    loss_sum, correct, images, bad = totals.read(distributed.SINGLE)
+    assert (loss_sum, correct, images, bad) == (1.0, 1.0, 4.0, None)  # reset after a read

@@ -126,17 +126,19 @@ class StepTotals:
         self._bad = torch.zeros(2, dtype=torch.float64, device=device)  # (step, loss)
 
     def add(self, out: StepOutput, step: int) -> None:
-        """Count one step's output (``step``: the run's step number, from 1)."""
+        """Count one step's output (``step``: the run's step number, from 1).
+
+        Python numbers enter as kernel arguments, never as new device tensors: a tensor made
+        from a host value on a GPU would be a copy that waits for the queue at every step.
+        """
         loss = out.loss.to(torch.float64)
         finite = torch.isfinite(loss)
-        self._sums += torch.stack(
-            [torch.where(finite, loss * out.images, 0.0), out.correct.to(torch.float64),
-             torch.tensor(out.images, dtype=torch.float64, device=self.device)]
-        )  # fmt: skip
+        self._sums[0] += torch.where(finite, loss * out.images, 0.0)
+        self._sums[1] += out.correct
+        self._sums[2] += out.images
         first = (~finite) & (self._bad[0] == 0)
-        self._bad = torch.where(
-            first, torch.stack([torch.tensor(float(step), device=self.device), loss]), self._bad
-        )
+        self._bad[0] = torch.where(first, float(step), self._bad[0])
+        self._bad[1] = torch.where(first, loss, self._bad[1])
 
     def read(self, group: ProcessGroup) -> tuple[float, float, float, tuple[int, float] | None]:
         """Sum over processes and reset: loss x images, correct, images, and the first bad step.

@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polynet.devices import autocast, training_amp
+from polynet.devices import training_amp
+from polynet.distributed import leave
 from polynet.errors import UserError
 from polynet.network import describe_classes
 from polynet.training.budget import measure_speed
@@ -158,8 +159,6 @@ class Trainer:
 
     def close(self) -> None:
         """Close log files, leave the process group and free the folder."""
-        from polynet.distributed import leave
-
         self.log.close()
         leave()
         self.folder.release()
@@ -319,10 +318,6 @@ class Trainer:
     def _evaluated_model(self) -> nn.Module:
         """The weights a run evaluates and publishes: the moving average with EMA."""
         return self.ema.module if self.ema is not None else self.raw_model
-
-    def autocast(self) -> torch.autocast:
-        """The run's autocast context."""
-        return autocast(self.device, self.cfg.amp)
 
     def switch_path_drop(self, epoch: int, reason: str) -> None:
         """Turn stochastic paths on from ``epoch`` (0-based) and say why in the log."""
