@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from timm.models._manipulate import checkpoint_seq
 from torch.profiler import ProfilerActivity, profile
 
-import polynet.regional as pr
-from polynet.zoo import create_model
+import polynet.model.regional as pr
+from polynet.model.zoo import create_model
 
 torch.backends.cudnn.benchmark = True
 m = create_model("polynet_very_deep").cuda().to(memory_format=torch.channels_last).train()

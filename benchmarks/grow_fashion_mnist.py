@@ -1,7 +1,8 @@
 """Initialization by insertion on Fashion-MNIST: a grown network against the same one from scratch.
 
 1. Train a small IR source (``A: ir | B: ir x2 | C: ir``) for ``--source-steps`` steps.
-2. Grow it with :func:`polynet.grow.grow` into a twice-as-deep PolyNet whose units are 2-way and
+2. Grow it with :func:`polynet.model.grow.grow` into a twice-as-deep PolyNet whose units are 2-way
+   and
    mpoly-2 modules (new units interleaved, new blocks at zero output, so it starts as the source).
 3. Train the grown network and the same architecture from random init for ``--steps`` steps
    each, with the same batches and optimizer, evaluating test accuracy every ``--eval-every``.
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 
 import polynet
 from polynet.data import FashionMNIST
-from polynet.grow import grow
-from polynet.registry import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from polynet.model.grow import grow
+from polynet.model.registry import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
 SOURCE_SPEC = "A: ir | B: ir x2 | C: ir"
 TARGET_SPEC = "A: 2-way x2 | B: (mpoly-2, 2-way) x2 | C: 2-way x2"

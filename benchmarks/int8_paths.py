@@ -14,7 +14,7 @@ import time
 import torch
 
 import polynet
-from polynet.fuse import optimize_for_inference
+from polynet.inference.fuse import optimize_for_inference
 
 
 def _rate(fn, x: torch.Tensor, seconds: float = 3.0) -> float:
@@ -74,7 +74,7 @@ def main() -> None:
 
 def _onnx_fp32(model: torch.nn.Module, x: torch.Tensor):
     """The same fused graph in ONNX Runtime at fp32: how much of int8's gain is the runtime."""
-    from polynet.quantize import onnx_runtime_model
+    from polynet.inference.quantize import onnx_runtime_model
 
     return onnx_runtime_model(optimize_for_inference(model, prepack=False), tuple(x.shape[1:]))
 

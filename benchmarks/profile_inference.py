@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from polynet import create_model
-from polynet.fuse import optimize_for_inference
+from polynet.inference.fuse import optimize_for_inference
 
 CONV_KERNELS = ("mkldnn::_convolution_pointwise", "aten::mkldnn_convolution", "aten::convolution")
 

@@ -30,8 +30,8 @@ from polynet.ablation.report import write_outputs
 from polynet.ablation.stats import FAILS, HOLDS, ONE_SEED, UNRESOLVED
 from polynet.cli import main
 from polynet.errors import UserError
+from polynet.model.zoo import MODELS
 from polynet.training.batches import epoch_permutation
-from polynet.zoo import MODELS
 
 CONFIGS = ["ir_3_6_3", "b_poly3"]
 

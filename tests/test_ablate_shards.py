@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from polynet.ablation import Shard, build_study
-from polynet.checkpoint import load_checkpoint
 from polynet.cli import main
 from polynet.errors import UserError
+from polynet.io.checkpoint import load_checkpoint
 
 CONFIGS = ["ir_3_6_3", "b_poly3"]
 TINY = [

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from polynet.algebra import PAPER_MODULES, named_expression, parse
+from polynet.model.algebra import PAPER_MODULES, named_expression, parse
 
 # (module, expression, cascaded block evaluations, naive block evaluations)
 NAMED = [

@@ -19,9 +19,9 @@ from polynet.bench import (
 )
 from polynet.bench import build as bench_build
 from polynet.bench.measure import round_robin
-from polynet.blocks import ConvNormAct, ConvSpec
 from polynet.cli import main
 from polynet.errors import UserError
+from polynet.model.blocks import ConvNormAct, ConvSpec
 
 OURS = ("polynet", "polynet-fused", "polynet-naive", "polynet-ckpt", "polynet-bf16")
 

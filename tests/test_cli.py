@@ -61,7 +61,7 @@ def test_console_script_runs_as_a_module():
 def test_the_clis_precision_and_runtime_choices_are_the_librarys():
     # Spelled out in polynet.cli so that --help does not import torch.
     from polynet.cli import PRECISION_CHOICES, RUNTIME_CHOICES
-    from polynet.fuse import PRECISIONS, RUNTIMES
+    from polynet.inference.fuse import PRECISIONS, RUNTIMES
 
     assert PRECISION_CHOICES == ("auto", *PRECISIONS)
     assert RUNTIME_CHOICES == RUNTIMES

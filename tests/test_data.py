@@ -172,6 +172,6 @@ def test_eval_transform_center_and_squash():
     center = eval_transform({"input_size": (3, 224, 224), "crop_pct": 0.875})
     assert [type(s).__name__ for s in center.transforms][1:3] == ["Resize", "CenterCrop"]
     assert center.transforms[1].size == 256
-    squash = eval_transform(polynet.zoo.MODELS["polynet_very_deep"].cfg)
+    squash = eval_transform(polynet.model.zoo.MODELS["polynet_very_deep"].cfg)
     assert squash.transforms[1].size == (378, 378)  # 331 / (331/378), not floored to 377
     assert squash(img).shape == (3, 331, 331)

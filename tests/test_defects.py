@@ -17,9 +17,9 @@ import torch
 
 import polynet
 from _shared import TINY, cli_flags
-from polynet.checkpoint import CheckpointError, save_checkpoint
 from polynet.cli import main
 from polynet.data import fashion_mnist_dir
+from polynet.io.checkpoint import CheckpointError, save_checkpoint
 from polynet.training import loop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,7 +254,7 @@ def test_list_answers_without_importing_torch():
 def test_the_registry_table_agrees_with_timm():
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-    from polynet import registry
+    from polynet.model import registry
 
     assert (registry.IMAGENET_MEAN, registry.IMAGENET_STD) == (
         IMAGENET_DEFAULT_MEAN,

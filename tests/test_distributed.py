@@ -8,9 +8,9 @@ import torch
 
 import polynet
 from _shared import cli_flags
-from polynet.checkpoint import load_checkpoint
 from polynet.data import build_dataset, eval_transform
-from polynet.loading import load_model
+from polynet.io.checkpoint import load_checkpoint
+from polynet.io.loading import load_model
 
 pytestmark = pytest.mark.skipif(
     not (polynet.data.fashion_mnist_dir() / "train-images-idx3-ubyte.gz").is_file(),

@@ -5,8 +5,8 @@ import torch
 from timm.utils import ModelEmaV3
 
 from _shared import TINY
+from polynet.model.zoo import create_model
 from polynet.training.ema import ModelEma, state_slots
-from polynet.zoo import create_model
 
 
 def _small(sharing: str) -> torch.nn.Module:

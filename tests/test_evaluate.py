@@ -9,7 +9,6 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
-from polynet.checkpoint import save_checkpoint
 from polynet.cli import main
 from polynet.data import build_dataset
 from polynet.evaluation import (
@@ -31,6 +30,7 @@ from polynet.evaluation import (
     topk_correct,
 )
 from polynet.evaluation.crops import check_scales
+from polynet.io.checkpoint import save_checkpoint
 
 torch.set_num_threads(1)
 

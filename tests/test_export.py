@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import polynet
-from polynet.checkpoint import save_checkpoint
 from polynet.cli import main
-from polynet.export import example_input, export, export_onnx, onnx_max_error
+from polynet.inference.export import example_input, export, export_onnx, onnx_max_error
+from polynet.io.checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Inference fusion (polynet.fuse) and the training-path optimisations keep results equal."""
+"""Inference fusion (polynet.inference.fuse) and the training-path optimisations keep results."""
 
 import copy
 
@@ -7,15 +7,15 @@ import torch
 from torch import nn
 
 import polynet
-from polynet.fuse import (
+from polynet.inference.fuse import (
     FoldedPolyInception,
     PackedConv2d,
     fold_conv_bn,
     join_convs,
     optimize_for_inference,
 )
-from polynet.modules import PolyInception
-from polynet.network import compile_units
+from polynet.model.modules import PolyInception
+from polynet.model.network import compile_units
 
 TOL = 1e-4
 SMALL = dict(stem="small", width_mult=1 / 16, in_chans=1, num_classes=10, drop_rate=0.0)

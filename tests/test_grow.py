@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 import polynet
-from polynet.checkpoint import save_checkpoint
 from polynet.cli import main
-from polynet.grow import GrowthMap, grow, interleaved_slots
-from polynet.loading import load_model
+from polynet.io.checkpoint import save_checkpoint
+from polynet.io.loading import load_model
+from polynet.model.grow import GrowthMap, grow, interleaved_slots
 
 SMALL = dict(stem="small", width_mult=0.0625, in_chans=1, num_classes=10)
 IR_1_2_1 = "A: ir | B: ir x2 | C: ir"

@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 
 import polynet
-from polynet.checkpoint import load_checkpoint
 from polynet.cli import main
 from polynet.data import FASHION_MNIST_CLASSES, fashion_mnist_dir
-from polynet.weights import to_port_layout
+from polynet.io.checkpoint import load_checkpoint
+from polynet.io.weights import to_port_layout
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

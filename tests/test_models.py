@@ -5,8 +5,8 @@ import timm
 import torch
 
 import polynet
-from polynet.cost import count_macs, count_params, model_cost
-from polynet.network import released_scales
+from polynet.model.cost import count_macs, count_params, model_cost
+from polynet.model.network import released_scales
 
 ALL = polynet.list_models()
 # The contract checks run on a narrow instance of each registered topology (same spec, stem,

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from polynet import PolyInception
-from polynet.algebra import PAPER_MODULES
-from polynet.blocks import IR_A, InceptionBlock
-from polynet.cost import count_macs
+from polynet.model.algebra import PAPER_MODULES
+from polynet.model.blocks import IR_A, InceptionBlock
+from polynet.model.cost import count_macs
 
 CHS = 16
 BLOCK = partial(InceptionBlock, CHS, IR_A, 0.25)

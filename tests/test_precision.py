@@ -1,4 +1,4 @@
-"""bf16 and int8 inference (polynet.fuse precision=..., polynet.quantize) keep their accuracy.
+"""bf16 and int8 inference (inference.fuse precision=..., inference.quantize) keep accuracy.
 
 Accuracy bounds, on 1000 Fashion-MNIST test images of a small model trained for 64 steps:
 bf16 top-1 within 0.5 points of fp32 and int8 within 1 point (at this tiny width a few flipped
@@ -19,9 +19,9 @@ from polynet.data import build_dataset
 from polynet.devices import default_precision, native_bf16, resolve_precision
 from polynet.errors import UserError
 from polynet.evaluation import SingleCrop, evaluate
-from polynet.fuse import CastModel, PackedConv2d, inference_model, optimize_for_inference
-from polynet.loading import load_model
-from polynet.quantize import OnnxRuntimeModel
+from polynet.inference.fuse import CastModel, PackedConv2d, inference_model, optimize_for_inference
+from polynet.inference.quantize import OnnxRuntimeModel
+from polynet.io.loading import load_model
 from polynet.training import train
 
 torch.set_num_threads(1)

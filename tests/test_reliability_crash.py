@@ -21,8 +21,8 @@ import torch
 
 import polynet
 from _shared import TINY, cli_flags
-from polynet.checkpoint import load_checkpoint
 from polynet.cli import main
+from polynet.io.checkpoint import load_checkpoint
 from polynet.training import loop
 
 pytestmark = pytest.mark.skipif(

@@ -18,9 +18,9 @@ from PIL import Image
 
 import polynet
 from _shared import TINY, needs_fashion
-from polynet.checkpoint import load_checkpoint, save_checkpoint
 from polynet.cli import main
 from polynet.data import MAX_IMAGE_PIXELS
+from polynet.io.checkpoint import load_checkpoint, save_checkpoint
 from polynet.training.config import TrainConfig
 
 QUICK = dict(

@@ -1,7 +1,7 @@
 import pytest
 
-from polynet.registry import MODELS, VERY_DEEP_SPEC
-from polynet.specs import NetworkSpec
+from polynet.model.registry import MODELS, VERY_DEEP_SPEC
+from polynet.model.specs import NetworkSpec
 
 
 def test_very_deep_spec():

@@ -14,17 +14,17 @@ from timm.data import ImageNetInfo
 from torch import nn
 
 import polynet
-from polynet.blocks import STAGE_BLOCKS, InceptionBlock
-from polynet.checkpoint import save_checkpoint
 from polynet.cli import main
 from polynet.data import FASHION_MNIST_CLASSES
-from polynet.export import example_input, export, exported_max_error
-from polynet.modules import PolyInception
-from polynet.network import feature_map_size
-from polynet.regional import Stage
-from polynet.specs import NetworkSpec
-from polynet.weights import save_weights, to_port_layout
-from polynet.zoo import FEATURE_CLASSES, MODELS, STAGE_NAMES
+from polynet.inference.export import example_input, export, exported_max_error
+from polynet.io.checkpoint import save_checkpoint
+from polynet.io.weights import save_weights, to_port_layout
+from polynet.model.blocks import STAGE_BLOCKS, InceptionBlock
+from polynet.model.modules import PolyInception
+from polynet.model.network import feature_map_size
+from polynet.model.regional import Stage
+from polynet.model.specs import NetworkSpec
+from polynet.model.zoo import FEATURE_CLASSES, MODELS, STAGE_NAMES
 
 ALL = list(MODELS)
 SMALL_STEM = {name for name, d in MODELS.items() if d.kwargs.get("stem") == "small"}

@@ -9,8 +9,8 @@ from PIL import Image
 
 import polynet
 from _shared import TINY, needs_fashion
-from polynet.checkpoint import load_checkpoint
 from polynet.cli import main
+from polynet.io.checkpoint import load_checkpoint
 from polynet.training import loop
 from polynet.training.config import PRESETS, TrainConfig, build_config
 from polynet.training.recipe import build_optimizer, build_scheduler
@@ -178,7 +178,7 @@ def test_loss_decreases_on_a_generated_image_folder(tmp_path, folder):
         "horizontal",
         "vertical",
     ]
-    model, _ = polynet.loading.load_model(tmp_path / "run" / "last.pt")
+    model, _ = polynet.io.loading.load_model(tmp_path / "run" / "last.pt")
     assert model.num_classes == 2
 
 
@@ -370,7 +370,7 @@ def test_path_drop_leaves_eval_output_unchanged():
 def test_init_from_loads_weights_without_optimizer_state(tmp_path, folder):
     source = polynet.create_model("polynet_small", num_classes=2, **TINY)
     path = tmp_path / "grown.pt"
-    polynet.checkpoint.save_checkpoint(
+    polynet.io.checkpoint.save_checkpoint(
         path,
         dict(
             model_name="polynet_small",

@@ -13,12 +13,12 @@ from timm.models._manipulate import adapt_input_conv
 from torchvision.transforms import CenterCrop, Resize
 
 import polynet
-from polynet.checkpoint import CheckpointError, save_checkpoint
 from polynet.cli import main
 from polynet.data import eval_transform
-from polynet.loading import convert, load_model
-from polynet.predict import predict
-from polynet.weights import (
+from polynet.inference.predict import predict
+from polynet.io.checkpoint import CheckpointError, save_checkpoint
+from polynet.io.loading import convert, load_model
+from polynet.io.weights import (
     WeightsFile,
     fit_state_dict,
     load_pretrained,

@@ -19,18 +19,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "MODELS": "polynet.zoo",
-    "create_model": "polynet.zoo",
-    "list_models": "polynet.zoo",
-    "load_model": "polynet.loading",
-    "NetworkSpec": "polynet.specs",
-    "StageSpec": "polynet.specs",
-    "PolyInception": "polynet.modules",
-    "PolyNet": "polynet.network",
-    "PolyNetConfig": "polynet.network",
-    "Polynomial": "polynet.algebra",
-    "named_expression": "polynet.algebra",
-    "parse": "polynet.algebra",
+    "MODELS": "polynet.model.zoo",
+    "create_model": "polynet.model.zoo",
+    "list_models": "polynet.model.zoo",
+    "load_model": "polynet.io.loading",
+    "NetworkSpec": "polynet.model.specs",
+    "StageSpec": "polynet.model.specs",
+    "PolyInception": "polynet.model.modules",
+    "PolyNet": "polynet.model.network",
+    "PolyNetConfig": "polynet.model.network",
+    "Polynomial": "polynet.model.algebra",
+    "named_expression": "polynet.model.algebra",
+    "parse": "polynet.model.algebra",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -49,4 +49,4 @@ def __dir__() -> list[str]:
 
 
 if not os.environ.get("POLYNET_DEFER_IMPORTS"):
-    importlib.import_module("polynet.zoo")  # registers the models with timm
+    importlib.import_module("polynet.model.zoo")  # registers the models with timm

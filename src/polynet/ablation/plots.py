@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from polynet.ablation.aggregate import Point
-from polynet.checkpoint import atomic_write
+from polynet.io.checkpoint import atomic_write
 
 COST_AXES: tuple[tuple[str, Callable[[Point], float]], ...] = (
     ("time per iteration (ms)", lambda p: p.ms),

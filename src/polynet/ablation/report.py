@@ -21,7 +21,7 @@ from polynet.ablation.findings import FINDINGS, Finding
 from polynet.ablation.plots import PLOTS, error_bar_note
 from polynet.ablation.stats import CONFIDENCE, POWER
 from polynet.ablation.studies import Study
-from polynet.checkpoint import atomic_write
+from polynet.io.checkpoint import atomic_write
 
 TABLE_COLUMNS = (
     "config",

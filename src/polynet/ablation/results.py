@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from polynet.ablation.studies import Study
-from polynet.checkpoint import atomic_write
 from polynet.errors import UserError
+from polynet.io.checkpoint import atomic_write
 
 try:
     import fcntl

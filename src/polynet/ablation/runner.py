@@ -41,14 +41,14 @@ from polynet.ablation.results import (
 from polynet.ablation.shards import Shard
 from polynet.ablation.studies import Study, StudyConfig, build_study, create_study_model
 from polynet.ablation.timing import attach_times, autocast_of, input_size, load_or_measure
-from polynet.cost import count_macs, count_params, model_cost
 from polynet.data import build_dataset
 from polynet.devices import resolve_device
 from polynet.distributed import is_main_process, world_size
 from polynet.errors import UserError
 from polynet.evaluation import SingleCrop, evaluate
-from polynet.loading import load_model
-from polynet.network import PolyNet
+from polynet.io.loading import load_model
+from polynet.model.cost import count_macs, count_params, model_cost
+from polynet.model.network import PolyNet
 from polynet.training import TrainConfig, build_config, run_identity, train
 
 # One recipe for every config of a study. The small scale is the quick start's recipe (AdamW,

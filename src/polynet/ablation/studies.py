@@ -26,11 +26,11 @@ from timm.layers import BatchNormAct2d, DropPath, create_conv2d
 from timm.models.resnetv2 import ResNetV2
 from torch import nn
 
-from polynet.algebra import PAPER_MODULES, module_id, parse
-from polynet.modules import resolve_expression
-from polynet.registry import MODELS, VERY_DEEP_SPEC
-from polynet.specs import NetworkSpec
-from polynet.zoo import create_model
+from polynet.model.algebra import PAPER_MODULES, module_id, parse
+from polynet.model.modules import resolve_expression
+from polynet.model.registry import MODELS, VERY_DEEP_SPEC
+from polynet.model.specs import NetworkSpec
+from polynet.model.zoo import create_model
 
 SCALES = ("small", "full")
 # Width of the small-image variant: IR 3-6-3 at 1/16 width has 85K parameters and trains at

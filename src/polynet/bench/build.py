@@ -13,10 +13,10 @@ from torch import nn
 from polynet.bench.candidates import REGISTRY
 from polynet.bench.config import BenchConfig
 from polynet.errors import UserError
-from polynet.fuse import optimize_for_inference
-from polynet.modules import PolyInception
-from polynet.network import compile_units
-from polynet.zoo import create_model
+from polynet.inference.fuse import optimize_for_inference
+from polynet.model.modules import PolyInception
+from polynet.model.network import compile_units
+from polynet.model.zoo import create_model
 
 CL = torch.channels_last
 
@@ -29,7 +29,7 @@ def _port(cfg: BenchConfig, reference: nn.Module | None = None) -> nn.Module:
     # The port's fixed 9x9 pool only takes 331-362 px; the adaptive pool is the same there.
     port.avg_pool = nn.AdaptiveAvgPool2d(1)
     if reference is not None and cfg.width_mult == 1.0:
-        from polynet.weights import to_port_layout
+        from polynet.io.weights import to_port_layout
 
         port.load_state_dict(to_port_layout(reference.state_dict(), reference))
     return port
@@ -68,12 +68,12 @@ class _Naive(nn.Module):
 
 
 def onnx_runtime(cfg: BenchConfig, model: nn.Module) -> nn.Module:
-    """``model`` exported to ONNX (:func:`polynet.export.export_onnx`) in an ONNX Runtime session.
+    """``model`` exported to ONNX (:func:`~polynet.inference.export.export_onnx`), in ONNX Runtime.
 
     The session runs with the run's threads and ONNX Runtime's default graph optimisations (which
     fold the port's BatchNorms, as a user exporting it gets); ``source_model`` is ``model``.
     """
-    from polynet.quantize import onnx_runtime_model
+    from polynet.inference.quantize import onnx_runtime_model
 
     return onnx_runtime_model(model, (3, cfg.image_size, cfg.image_size), threads=cfg.threads)
 
@@ -126,7 +126,7 @@ def _ckpt(s: _Sources) -> nn.Module:
 
 
 def _port_int8(s: _Sources) -> nn.Module:
-    from polynet.quantize import quantize_int8
+    from polynet.inference.quantize import quantize_int8
 
     return quantize_int8(s.port.eval(), s.calibration, threads=s.cfg.threads)
 

@@ -66,7 +66,9 @@ REGISTRY: dict[str, Candidate] = {
     for c in (
         Candidate("polynet", "polynet_very_deep, eager, channels_last, cascaded"),
         Candidate(
-            "polynet-fused", "polynet.fuse.optimize_for_inference(polynet_very_deep)", modes=_INFER
+            "polynet-fused",
+            "polynet.inference.fuse.optimize_for_inference(polynet_very_deep)",
+            modes=_INFER,
         ),
         Candidate(
             "polynet-fused-plain",
@@ -143,8 +145,8 @@ REGISTRY: dict[str, Candidate] = {
         ),
         Candidate(
             "port-ort-int8",
-            "pretrainedmodels.polynet quantized by the same code (polynet.quantize.quantize_int8, "
-            "same calibration batches)",
+            "pretrainedmodels.polynet quantized by the same code "
+            "(polynet.inference.quantize.quantize_int8, same calibration batches)",
             precision="int8",
             **_ORT,
         ),

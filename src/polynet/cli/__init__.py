@@ -52,7 +52,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# polynet.fuse's PRECISIONS (and "auto") and RUNTIMES, spelled out: the CLI answers --help without
+# polynet.inference.fuse's PRECISIONS (and "auto") and RUNTIMES, spelled out: the CLI answers
+# --help without
 # importing torch; tests/test_cli.py checks that they agree.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "int8")
 RUNTIME_CHOICES = ("torch", "onnxruntime")

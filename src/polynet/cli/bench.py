@@ -9,10 +9,10 @@ from pathlib import Path
 
 from polynet.bench import BenchConfig, run_benchmark, to_markdown
 from polynet.bench.candidates import LIKE_FOR_LIKE, REGISTRY
-from polynet.checkpoint import atomic_write
 from polynet.cli import summary
 from polynet.errors import UserError
-from polynet.outputs import check_output
+from polynet.io.checkpoint import atomic_write
+from polynet.io.outputs import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

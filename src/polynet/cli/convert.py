@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 
 from polynet.cli import summary
-from polynet.loading import convert
-from polynet.outputs import check_output
-from polynet.weights import PORT_MODEL
+from polynet.io.loading import convert
+from polynet.io.outputs import check_output
+from polynet.io.weights import PORT_MODEL
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

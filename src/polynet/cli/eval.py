@@ -13,8 +13,8 @@ from polynet.errors import UserError
 from polynet.evaluation import MultiCrop, SingleCrop
 from polynet.evaluation.api import REPORT_FILES, evaluate_weights, write_reports
 from polynet.evaluation.pooling import DEFAULT_TOP_FRACTION, SCORE_TYPES
-from polynet.fuse import check_runtime
-from polynet.outputs import check_output
+from polynet.inference.fuse import check_runtime
+from polynet.io.outputs import check_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

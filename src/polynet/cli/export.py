@@ -6,10 +6,16 @@ import argparse
 
 from polynet.cli import summary
 from polynet.errors import UserError
-from polynet.export import FORMATS, example_input, export, exported_max_error, onnx_max_error
-from polynet.loading import load_model
-from polynet.outputs import check_output
-from polynet.zoo import check_model_name, create_model
+from polynet.inference.export import (
+    FORMATS,
+    example_input,
+    export,
+    exported_max_error,
+    onnx_max_error,
+)
+from polynet.io.loading import load_model
+from polynet.io.outputs import check_output
+from polynet.model.zoo import check_model_name, create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

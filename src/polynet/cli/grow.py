@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from polynet.checkpoint import save_checkpoint
 from polynet.cli import summary
-from polynet.grow import grow
-from polynet.loading import load_model
-from polynet.modules import SHARINGS
-from polynet.outputs import check_output
+from polynet.io.checkpoint import save_checkpoint
+from polynet.io.loading import load_model
+from polynet.io.outputs import check_output
+from polynet.model.grow import grow
+from polynet.model.modules import SHARINGS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

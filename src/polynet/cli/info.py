@@ -6,7 +6,7 @@ import argparse
 import json
 
 from polynet.cli import summary
-from polynet.registry import MODELS, list_names
+from polynet.model.registry import MODELS, list_names
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +35,8 @@ def run_info(args: argparse.Namespace) -> int:
     """Print the model's spec, parameters and MACs."""
     import torch  # only here: `polynet list` answers without it
 
-    from polynet.cost import model_cost
-    from polynet.zoo import create_model
+    from polynet.model.cost import model_cost
+    from polynet.model.zoo import create_model
 
     kwargs = {}
     if args.spec:

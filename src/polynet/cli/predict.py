@@ -12,8 +12,8 @@ import sys
 
 from polynet.cli import add_precision_argument, add_runtime_argument, summary
 from polynet.devices import resolve_precision
-from polynet.loading import load_model
-from polynet.predict import predict
+from polynet.inference.predict import predict
+from polynet.io.loading import load_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ from polynet.evaluation.report import (
     to_markdown,
     write_json,
 )
-from polynet.outputs import write_text
+from polynet.io.outputs import write_text
 
 REPORT_FILES = ("report.json", "report.md", "confusion_matrix.png")
 
@@ -36,7 +36,7 @@ def evaluate_weights(
 
     Args:
         weights: A polynet checkpoint, converted ``.safetensors`` or the released port's file
-            (see :func:`polynet.loading.load_model`).
+            (see :func:`polynet.io.loading.load_model`).
         data: ``"fashion-mnist"`` or an ImageNet-layout folder (see
             :func:`polynet.data.build_dataset`).
         split: The split to evaluate (``"val"`` is Fashion-MNIST's test split).
@@ -54,7 +54,7 @@ def evaluate_weights(
         The report (see :func:`~polynet.evaluation.build_report`) and the raw result.
 
     """
-    from polynet.loading import load_model
+    from polynet.io.loading import load_model
 
     model, file = load_model(weights, model_name)
     # Preprocessing recorded with converted weights wins over the registry's defaults.

@@ -38,7 +38,7 @@ from polynet.evaluation.pooling import (
     pool_multi_scale,
     pooled_count,
 )
-from polynet.fuse import inference_model
+from polynet.inference.fuse import inference_model
 
 
 @dataclass(frozen=True)
@@ -304,16 +304,19 @@ def evaluate(
         limit: Evaluate only the first ``limit`` images of the data set.
         progress: Show a progress bar (on rank 0 only).
         fuse: Evaluate an inference-optimised copy of a PolyNet
-            (:func:`polynet.fuse.optimize_for_inference`: norms folded, parallel convolutions
+            (:func:`polynet.inference.fuse.optimize_for_inference`: norms folded, parallel
+            convolutions
             joined, oneDNN-packed on CPU; the same outputs within float rounding). Other
             models, and norms that cannot fold, are evaluated as they are.
         precision: ``"fp32"``, ``"bf16"`` (bf16 weights and activations, fp32 logits) or
-            ``"int8"`` (static quantization, CPU only; see :func:`polynet.fuse.inference_model`).
+            ``"int8"`` (static quantization, CPU only; see
+            :func:`polynet.inference.fuse.inference_model`).
         calibration: For int8, a data set like ``dataset`` (e.g. its training split) whose
             evenly spaced 256 images, single-crop preprocessed, calibrate the activation
             ranges; by default those of ``dataset`` itself.
         runtime: ``"torch"`` or ``"onnxruntime"`` (the folded fp32 model exported to ONNX and
-            run by ONNX Runtime on the CPU; see :func:`polynet.fuse.optimize_for_inference`).
+            run by ONNX Runtime on the CPU; see
+            :func:`polynet.inference.fuse.optimize_for_inference`).
         group: The processes sharing the work (default: the group this process has joined,
             :func:`polynet.distributed.current`).
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from polynet.checkpoint import atomic_write
 from polynet.evaluation.engine import EvalResult
+from polynet.io.checkpoint import atomic_write
 
 REPORT_VERSION = 1
 

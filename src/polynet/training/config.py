@@ -96,7 +96,8 @@ class TrainConfig:
             ``"bf16"`` or ``"fp16"`` (CUDA only). Weights and optimizer state stay fp32. A run
             records what ``"auto"`` chose, so a resumed run keeps it.
         channels_last: Channels-last memory format (None: on CUDA only).
-        compile: Compile each unit with ``torch.compile`` (:func:`polynet.network.compile_units`).
+        compile: Compile each unit with ``torch.compile``
+        (:func:`polynet.model.network.compile_units`).
         sync_bn: SyncBatchNorm across processes (the paper normalises per GPU).
         init_from: Initialise the weights from this polynet checkpoint (no optimizer state).
         resume: Continue the run in ``out`` from its ``last.pt``.

@@ -12,8 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from polynet.checkpoint import atomic_write
-from polynet.outputs import write_text
+from polynet.io.checkpoint import atomic_write
+from polynet.io.outputs import write_text
 
 
 class RunLog:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from polynet.distributed import launch_env
 from polynet.errors import UserError
+from polynet.model.zoo import create_model
 from polynet.training.batches import train_batches
 from polynet.training.budget import Eta, evaluation_work, evaluations_left
 from polynet.training.config import TrainConfig, build_config
@@ -35,7 +36,6 @@ from polynet.training.planning import PACE_FROM_STEP
 from polynet.training.rundir import RUN_FILES, resumed_config
 from polynet.training.step import StepTotals
 from polynet.training.trainer import Trainer
-from polynet.zoo import create_model
 
 __all__ = [
     "RUN_FILES",
@@ -110,7 +110,7 @@ def train(
     Args:
         config: A config, or a mapping of config keys (``preset`` and ``config_file`` allowed).
         model_factory: Builds ``cfg.model`` from its name and keyword arguments; the registry's
-            :func:`~polynet.zoo.create_model` unless a workflow trains other networks too (the
+            :func:`~polynet.model.zoo.create_model` unless a workflow trains other networks too (the
             ablation's ResNet baselines).
         **overrides: Config keys that win over ``config``.
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import yaml
 
-from polynet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from polynet.errors import UserError
-from polynet.outputs import write_json, write_text
+from polynet.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from polynet.io.outputs import write_json, write_text
 from polynet.training.config import TrainConfig, build_config, defines_run, load_yaml
 
 CONFIG_FILE = "config.yaml"

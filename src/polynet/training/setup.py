@@ -20,11 +20,11 @@ from polynet.data import build_dataset
 from polynet.devices import resolve_device
 from polynet.distributed import ProcessGroup, join
 from polynet.errors import UserError
-from polynet.loading import build_from_file
+from polynet.io.loading import build_from_file
+from polynet.io.weights import fit_state_dict, read_weights
 from polynet.training.batches import FolderTrainBatches, TensorTrainBatches
 from polynet.training.config import TrainConfig
 from polynet.training.state import seed_everything
-from polynet.weights import fit_state_dict, read_weights
 
 
 def set_threads(cfg: TrainConfig) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from polynet.devices import autocast
 from polynet.distributed import ProcessGroup
-from polynet.regional import compile_units
+from polynet.model.regional import compile_units
 from polynet.training.config import TrainConfig
 from polynet.training.ema import ModelEma
 from polynet.training.recipe import build_optimizer

@@ -35,7 +35,8 @@ from torch import nn
 from polynet.devices import training_amp
 from polynet.distributed import leave
 from polynet.errors import UserError
-from polynet.network import describe_classes
+from polynet.model.network import describe_classes
+from polynet.model.zoo import check_model_name, create_model
 from polynet.training.budget import measure_speed
 from polynet.training.config import TrainConfig
 from polynet.training.logs import RunLog
@@ -55,7 +56,6 @@ from polynet.training.setup import (
 from polynet.training.state import TrainState, rng_state, set_rng_state
 from polynet.training.step import StepOutput, build_step
 from polynet.training.validation import Validation
-from polynet.zoo import check_model_name, create_model
 
 
 class Trainer:

@@ -22,7 +22,7 @@ from polynet.distributed import ProcessGroup
 from polynet.errors import UserError
 from polynet.evaluation import SingleCrop, evaluate
 from polynet.evaluation.batches import single_crop_batches
-from polynet.fuse import inference_model
+from polynet.inference.fuse import inference_model
 
 
 @dataclass(frozen=True)

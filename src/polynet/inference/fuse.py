@@ -30,9 +30,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from polynet.blocks import ConvNormAct, InceptionBlock, Mixed
 from polynet.errors import UserError
-from polynet.modules import PER_ORDER_SHARINGS, PolyInception
+from polynet.model.blocks import ConvNormAct, InceptionBlock, Mixed
+from polynet.model.modules import PER_ORDER_SHARINGS, PolyInception
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
@@ -128,7 +128,7 @@ class FoldedBranches(nn.Module):
 
 
 class FoldedInceptionBlock(nn.Module):
-    """One order of an :class:`~polynet.blocks.InceptionBlock` with its norms folded in.
+    """One order of an :class:`~polynet.model.blocks.InceptionBlock` with its norms folded in.
 
     Attributes:
         branches: The branch convolutions, leading 1x1s joined.
@@ -164,7 +164,7 @@ class FoldedPolyInception(nn.Module):
     """An eval-only PolyInception unit with the cascaded plan and every fusion applied.
 
     The unit computes the same ``act(x + s * sum of paths)`` as
-    :meth:`polynet.modules.PolyInception.forward`; blocks reading ``x`` share one joined entry
+    :meth:`polynet.model.modules.PolyInception.forward`; blocks reading ``x`` share one joined entry
     convolution, and the path ends that feed nothing but the sum share one up-projection.
     """
 
@@ -510,7 +510,7 @@ def optimize_for_inference(
     ``model.eval()`` (within float rounding) and keeps its public interface
     (``forward_features``, ``forward_head``, ...), but it cannot be trained: BatchNorm is gone
     and shared convolutions of the released poly-3 are duplicated per order. Units whose blocks
-    are not :class:`~polynet.blocks.InceptionBlock` are kept as they are.
+    are not :class:`~polynet.model.blocks.InceptionBlock` are kept as they are.
 
     Args:
         model: A PolyNet or any module containing PolyInception units, Inception blocks,
@@ -521,10 +521,11 @@ def optimize_for_inference(
         precision: ``"fp32"``; ``"bf16"``: the same folded model with bf16 weights (packed for
             oneDNN on CPU), fed bf16 inputs and returning float32 logits (:class:`CastModel`);
             ``"int8"``: post-training static quantization calibrated on ``calibration``
-            (:func:`polynet.quantize.quantize_int8`; CPU only).
+            (:func:`polynet.inference.quantize.quantize_int8`; CPU only).
         calibration: Preprocessed input batches (as the model sees them) for ``"int8"``.
         runtime: ``"torch"``, or ``"onnxruntime"``: the folded fp32 copy exported to ONNX and
-            run by ONNX Runtime (:func:`polynet.quantize.onnx_runtime_model`; CPU, fp32). int8
+            run by ONNX Runtime (:func:`polynet.inference.quantize.onnx_runtime_model`; CPU, fp32).
+            int8
             runs in ONNX Runtime either way.
         input_size: (C, H, W) the ONNX graph is exported at (``"onnxruntime"``); the model's
             ``pretrained_cfg`` size by default.
@@ -540,11 +541,11 @@ def optimize_for_inference(
     """
     check_runtime(runtime, precision)
     if precision == "int8":
-        from polynet.quantize import quantize_int8
+        from polynet.inference.quantize import quantize_int8
 
         return quantize_int8(optimize_for_inference(model, prepack=False), calibration)
     if runtime == "onnxruntime":
-        from polynet.quantize import onnx_runtime_model
+        from polynet.inference.quantize import onnx_runtime_model
 
         return onnx_runtime_model(optimize_for_inference(model, prepack=False), input_size)
     fused = _rewrite(copy.deepcopy(model).eval())
@@ -610,12 +611,12 @@ def inference_model(
         with torch.inference_mode(False):
             return CastModel(copy.deepcopy(model).eval().to(torch.bfloat16), torch.bfloat16)
     if precision == "int8":
-        from polynet.quantize import quantize_int8
+        from polynet.inference.quantize import quantize_int8
 
         with torch.inference_mode(False):  # the ONNX exporter traces ordinary tensors
             return quantize_int8(model.eval(), calibration)
     if runtime == "onnxruntime":
-        from polynet.quantize import onnx_runtime_model
+        from polynet.inference.quantize import onnx_runtime_model
 
         with torch.inference_mode(False):
             return onnx_runtime_model(model.eval(), input_size)

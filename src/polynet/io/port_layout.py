@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polynet.blocks import ImageNetStem, InceptionBlock, Mixed
-from polynet.modules import PolyInception
+from polynet.model.blocks import ImageNetStem, InceptionBlock, Mixed
+from polynet.model.modules import PolyInception
 
 PORT_MODEL = "polynet_very_deep"
 """The model the released port's weights belong to (the default for files without metadata)."""

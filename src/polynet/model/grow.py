@@ -35,12 +35,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polynet.algebra import format_word
-from polynet.blocks import InceptionBlock
-from polynet.modules import PolyInception
-from polynet.network import PARTS, PolyNet, PolyNetConfig
-from polynet.specs import NetworkSpec
-from polynet.zoo import MODELS, check_model_name, create_model
+from polynet.model.algebra import format_word
+from polynet.model.blocks import InceptionBlock
+from polynet.model.modules import PolyInception
+from polynet.model.network import PARTS, PolyNet, PolyNetConfig
+from polynet.model.specs import NetworkSpec
+from polynet.model.zoo import MODELS, check_model_name, create_model
 
 Action = Literal["copied", "shared", "inserted", "initialised"]
 
@@ -87,7 +87,7 @@ class GrowthMap:
             same preprocessing (``polynet_small_ir`` grown into ``polynet_small`` keeps
             ``polynet_small``; grown into ``polynet_6_12_6_mixed`` it stays
             ``polynet_small_ir`` with the mixed spec in ``model_config``).
-        model_config: The grown model's :class:`~polynet.network.PolyNetConfig`: the source's
+        model_config: The grown model's :class:`~polynet.model.network.PolyNetConfig`: the source's
             config with the grown spec, sharing and residual scales.
 
     """
@@ -159,7 +159,7 @@ def _check_polynet(model: nn.Module, role: str) -> PolyNet:
     if not isinstance(model, PolyNet):
         raise ValueError(
             f"the {role} must be a polynet PolyNet model, got {type(model).__name__}; "
-            "build it with polynet.create_model or polynet.loading.load_model"
+            "build it with polynet.create_model or polynet.io.loading.load_model"
         )
     return model
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from polynet.network import PARTS, PolyNet
+from polynet.model.network import PARTS, PolyNet
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 File formats only: reading (:func:`read_weights`), fitting tensors to a built model
 (:func:`fit_state_dict`, :func:`load_pretrained`) and writing (:func:`save_weights`); building
-a model from a file is :func:`polynet.loading.load_model`. Three kinds of file are read, none
+a model from a file is :func:`polynet.io.loading.load_model`. Three kinds of file are read, none
 of which can run code:
 
 - ``.safetensors`` written by :func:`save_weights` (``polynet convert``), whose metadata names
   the model, its constructor arguments and its evaluation preprocessing;
-- a polynet training checkpoint (:mod:`polynet.checkpoint`);
+- a polynet training checkpoint (:mod:`polynet.io.checkpoint`);
 - a plain ``torch.save`` state dict, in this package's layout or in the layout of the released
   PyTorch port of the authors' model (``pretrainedmodels``, file ``polynet-f71d82a5.pth``).
   Pickles are read with ``torch.load(weights_only=True)``, which refuses any object that is not a
@@ -34,9 +34,9 @@ import torch
 from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
-from polynet.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from polynet.checkpoint import CheckpointError, atomic_write, read_torch_file
-from polynet.port_layout import (
+from polynet.io.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from polynet.io.checkpoint import CheckpointError, atomic_write, read_torch_file
+from polynet.io.port_layout import (
     PORT_MODEL,
     from_port_layout,
     is_port_layout,
@@ -44,7 +44,7 @@ from polynet.port_layout import (
     to_port_layout,
 )
 
-# The port's layout lives in polynet.port_layout; its names stay importable from here.
+# The port's layout lives in polynet.io.port_layout; its names stay importable from here.
 __all__ = [
     "PORT_MODEL",
     "WEIGHTS_FORMAT",
@@ -88,7 +88,7 @@ class WeightsFile:
         model_name: The registered model the file names, if it names one.
         model_kwargs: Constructor overrides of the registered model (files written before
             models carried their config, and non-PolyNet models).
-        model_config: The whole :class:`~polynet.network.PolyNetConfig` the file records.
+        model_config: The whole :class:`~polynet.model.network.PolyNetConfig` the file records.
         pretrained_cfg: Preprocessing recorded in the file, if any.
         class_names: Class names recorded in the file, if any.
         payload: The whole checkpoint dict, for a polynet training checkpoint.
@@ -329,7 +329,7 @@ def save_weights(
         path: Destination, ending in ``.safetensors``.
         state_dict: The tensors (our layout).
         model_name: The registered model they belong to.
-        model_config: The model's :class:`~polynet.network.PolyNetConfig` as a dict.
+        model_config: The model's :class:`~polynet.model.network.PolyNetConfig` as a dict.
         pretrained_cfg: Evaluation preprocessing (see :func:`preprocessing`).
         class_names: Names of the classifier's outputs, for ``polynet predict``.
 

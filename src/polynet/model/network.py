@@ -1,6 +1,6 @@
 """The PolyNet model: a stem, three stages of PolyInception units, two reductions and a head.
 
-The network is built from a :class:`~polynet.specs.NetworkSpec`, so every variant of the paper
+The network is built from a :class:`~polynet.model.specs.NetworkSpec`, so every variant of the paper
 (IR baselines, the 18 ablation configs, the mixed 6-12-6, the Very Deep PolyNet) is data. It
 follows timm's model contract: ``forward_features`` / ``forward_head``, ``reset_classifier``,
 ``get_classifier``, ``feature_info``, ``forward_intermediates`` / ``prune_intermediate_layers``,
@@ -21,7 +21,10 @@ import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
-from polynet.blocks import (
+from polynet.errors import UserError
+from polynet.io.port_layout import port_key_map
+from polynet.io.weights import load_pretrained
+from polynet.model.blocks import (
     REDUCTION_A,
     REDUCTION_B,
     STAGE_BLOCKS,
@@ -31,15 +34,12 @@ from polynet.blocks import (
     SmallStem,
     scaled,
 )
-from polynet.errors import UserError
-from polynet.layers import LayerFactory, layer_name, resolve_layers
-from polynet.modules import PolyInception, Sharing
-from polynet.port_layout import port_key_map
-from polynet.regional import Stage
-from polynet.regional import compile_units as compile_units  # re-exported: its old home
-from polynet.regional import restored_buffers as restored_buffers
-from polynet.specs import NetworkSpec
-from polynet.weights import load_pretrained
+from polynet.model.layers import LayerFactory, layer_name, resolve_layers
+from polynet.model.modules import PolyInception, Sharing
+from polynet.model.regional import Stage
+from polynet.model.regional import compile_units as compile_units  # re-exported: its old home
+from polynet.model.regional import restored_buffers as restored_buffers
+from polynet.model.specs import NetworkSpec
 
 StemKind = Literal["imagenet", "small"]
 # The model's top-level parts in forward order (state-dict prefixes).
@@ -276,7 +276,7 @@ class PolyNet(nn.Module):
     """A PolyNet (or Inception-ResNet) built from a network spec.
 
     Args:
-        spec: The stage layout, as text (see :mod:`polynet.specs`) or a ``NetworkSpec``.
+        spec: The stage layout, as text (see :mod:`polynet.model.specs`) or a ``NetworkSpec``.
         num_classes: Classifier outputs; 0 for no classifier (features only).
         in_chans: Input channels.
         width_mult: Multiplier for every width (1.0 is the released model).
@@ -284,7 +284,7 @@ class PolyNet(nn.Module):
             for two 3x3 convs and padded reductions (28-64 px inputs).
         stem_stride: Stride of the small stem (2 halves stage A's resolution).
         sharing: Parameter sharing of repeated letters (``"full"``, ``"released"`` or
-            ``"norms"``; see :class:`~polynet.modules.PolyInception`).
+            ``"norms"``; see :class:`~polynet.model.modules.PolyInception`).
         residual_scale: The paper's beta for every unit, a per-unit sequence, or
             ``"released"`` for the released model's linear 1.0 -> 0.7 decay.
         drop_rate: Dropout before the classifier.
@@ -569,7 +569,7 @@ class PolyNet(nn.Module):
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str | os.PathLike) -> None:
-        """Load any polynet weights file (:func:`polynet.weights.load_pretrained`).
+        """Load any polynet weights file (:func:`polynet.io.weights.load_pretrained`).
 
         timm's ``pretrained=True`` calls this for a file: the cfgs set ``custom_load``.
         """
@@ -612,7 +612,7 @@ _PORT_ONLY_KEY = "stem.conv1.0.conv.weight"
 def _rename_port_layout(model: PolyNet, state_dict: dict[str, Any], prefix: str) -> None:
     """Rename the released port's keys to ours, in place, before a plain ``load_state_dict``.
 
-    timm's ``checkpoint_path=`` loads the file that way; ``polynet.weights`` renames for every
+    timm's ``checkpoint_path=`` loads the file that way; ``polynet.io.weights`` renames for every
     other loader. BatchNorm itself fills the counters the 2017 file lacks.
     """
     if f"{prefix}{_PORT_ONLY_KEY}" not in state_dict:

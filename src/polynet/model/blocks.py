@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from polynet.layers import LayerFactory, resolve_layers
+from polynet.model.layers import LayerFactory, resolve_layers
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from polynet.algebra import PlanStep, Polynomial, named_expression, parse
+from polynet.model.algebra import PlanStep, Polynomial, named_expression, parse
 
 Sharing = Literal["full", "released", "norms"]
 SHARINGS: tuple[str, ...] = get_args(Sharing)

@@ -16,15 +16,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from polynet.blocks import Mixed
-from polynet.modules import PolyInception
+from polynet.model.blocks import Mixed
+from polynet.model.modules import PolyInception
 
 
 class Stage(nn.Sequential):
     """The units of one stage, in forward order.
 
     With ``grad_checkpointing`` set (by :meth:`PolyNet.set_grad_checkpointing
-    <polynet.network.PolyNet.set_grad_checkpointing>`) and gradients being recorded, every unit
+    <polynet.model.network.PolyNet.set_grad_checkpointing>`) and gradients being recorded, every
+    unit
     is one checkpoint segment: only the unit inputs stay stored, and each unit's activations
     are recomputed in the backward pass. Under ``torch.no_grad()`` and in TorchScript the units
     simply run.

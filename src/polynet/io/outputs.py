@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from polynet.checkpoint import atomic_write
 from polynet.errors import UserError
+from polynet.io.checkpoint import atomic_write
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -5,13 +5,13 @@ it loads with ``torch.load(weights_only=True)``. Its keys:
 
 - ``format``: ``"polynet-checkpoint"``; ``version``: 1.
 - ``model_name``: a registered model name (it carries the input preprocessing);
-  ``model_config``: the model's whole :class:`~polynet.network.PolyNetConfig` as a dict
+  ``model_config``: the model's whole :class:`~polynet.model.network.PolyNetConfig` as a dict
   (``model_kwargs``, constructor overrides, in older files and for non-PolyNet models).
 - ``model``: the model's ``state_dict``.
 - ``class_names``: the classifier's class names, when known.
 - Anything else a workflow adds (optimizer, scheduler, RNG states, metrics, ...).
 
-Building a model from a checkpoint is :func:`polynet.loading.load_model`.
+Building a model from a checkpoint is :func:`polynet.io.loading.load_model`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import NamedTuple
 
-from polynet._tokens import TokenStream
+from polynet.model._tokens import TokenStream
 
 IDENTITY = "I"
 

@@ -2,9 +2,9 @@
 
 Every workflow that reads weights (``eval``, ``predict``, ``export``, ``grow``, training's
 ``--init-from``, the ablation runner, ``create_model(checkpoint_path=)``) comes through here.
-The file formats themselves live below this module: :mod:`polynet.checkpoint` (training
-checkpoints) and :mod:`polynet.weights` (safetensors, the released port's layout). The model
-is rebuilt from the configuration the file records (:class:`~polynet.network.PolyNetConfig`),
+The file formats themselves live below this module: :mod:`polynet.io.checkpoint` (training
+checkpoints) and :mod:`polynet.io.weights` (safetensors, the released port's layout). The model
+is rebuilt from the configuration the file records (:class:`~polynet.model.network.PolyNetConfig`),
 never guessed from its tensors.
 
 Import order, so that nothing imports in a circle: ``checkpoint`` <- ``weights`` <- ``zoo``
@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from polynet.checkpoint import CheckpointError, atomic_write
-from polynet.network import describe_classes
-from polynet.weights import (
+from polynet.io.checkpoint import CheckpointError, atomic_write
+from polynet.io.weights import (
     PORT_MODEL,
     WeightsFile,
     fit_state_dict,
@@ -32,7 +31,8 @@ from polynet.weights import (
     save_weights,
     to_port_layout,
 )
-from polynet.zoo import check_model_name, create_model
+from polynet.model.network import describe_classes
+from polynet.model.zoo import check_model_name, create_model
 
 __all__ = ["CheckpointError", "WeightsFile", "build_from_file", "convert", "load_model"]
 
@@ -55,7 +55,7 @@ def build_from_file(
     """Build, without loading weights, the model that a file's tensors belong to.
 
     Args:
-        weights: A file read by :func:`~polynet.weights.read_weights`.
+        weights: A file read by :func:`~polynet.io.weights.read_weights`.
         model_name: The registered model to build. By default the one the file names, else
             ``polynet_very_deep`` (a file without metadata is the released port's). A name
             other than the one a file records is an error: the file fixes the architecture.
@@ -136,7 +136,7 @@ def convert(
     The model is built on the ``meta`` device, so only the file's tensors take memory.
 
     Args:
-        src: Any file :func:`~polynet.weights.read_weights` accepts (e.g.
+        src: Any file :func:`~polynet.io.weights.read_weights` accepts (e.g.
             ``polynet-f71d82a5.pth``).
         dst: ``.safetensors`` destination; with ``to_port``, a ``torch.save`` file that the
             port's ``PolyNet.load_state_dict`` loads strictly.

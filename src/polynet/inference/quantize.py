@@ -1,12 +1,12 @@
 """Post-training static int8 quantization for CPU inference, calibrated on real images.
 
 :func:`quantize_int8` exports the folded, horizontally fused fp32 model
-(:func:`polynet.fuse.optimize_for_inference`) to ONNX, quantizes it statically with ONNX
+(:func:`polynet.inference.fuse.optimize_for_inference`) to ONNX, quantizes it statically with ONNX
 Runtime (QDQ, per-channel int8 weights, uint8 activations whose ranges come from the
 calibration batches) and returns an :class:`OnnxRuntimeModel`: a callable taking and returning
 torch tensors, run by an ``onnxruntime.InferenceSession`` (VNNI int8 kernels on x86).
 :func:`onnx_runtime_model` runs the fp32 graph in the same wrapper (``runtime="onnxruntime"`` of
-:func:`polynet.fuse.optimize_for_inference`).
+:func:`polynet.inference.fuse.optimize_for_inference`).
 
 Why ONNX Runtime and not PyTorch's PT2E path: this PyTorch (2.14) no longer ships
 ``torch.ao.quantization.quantize_pt2e``; it lives in ``torchao`` (``pip install torchao``,
@@ -144,7 +144,7 @@ def quantize_int8(
 
     Args:
         model: An fp32 eval-mode model (ideally folded by
-            :func:`polynet.fuse.optimize_for_inference` with ``prepack=False``) with a
+            :func:`polynet.inference.fuse.optimize_for_inference` with ``prepack=False``) with a
             ``pretrained_cfg``.
         calibration: Preprocessed input batches, e.g. a few training batches; activation ranges
             are their min/max.
@@ -171,7 +171,7 @@ def quantize_int8(
         ) from err
 
     from polynet.devices import cpu_vnni
-    from polynet.export import export_onnx
+    from polynet.inference.export import export_onnx
 
     batches = _calibration_list(calibration)
     with tempfile.TemporaryDirectory(prefix="polynet-int8-") as tmp:
@@ -203,7 +203,7 @@ def onnx_runtime_model(
 
     Args:
         model: An eval-mode model with a ``pretrained_cfg`` (ideally folded by
-            :func:`polynet.fuse.optimize_for_inference` with ``prepack=False``).
+            :func:`polynet.inference.fuse.optimize_for_inference` with ``prepack=False``).
         input_size: (C, H, W) of its inputs; the ``pretrained_cfg`` size by default.
         threads: Intra-op threads (default: ``torch.get_num_threads()``).
 
@@ -218,7 +218,7 @@ def onnx_runtime_model(
             f"runtime onnxruntime needs ONNX Runtime ({err}); pip install 'polynet[export]' or "
             "use runtime torch"
         ) from err
-    from polynet.export import export_onnx
+    from polynet.inference.export import export_onnx
 
     with tempfile.TemporaryDirectory(prefix="polynet-ort-") as tmp:
         data = export_onnx(model, Path(tmp) / "model.onnx", input_size=input_size).read_bytes()

@@ -16,7 +16,7 @@ from torch import nn
 
 from polynet.data import eval_transform, read_image
 from polynet.devices import resolve_precision
-from polynet.fuse import inference_model
+from polynet.inference.fuse import inference_model
 
 IMAGENET_CLASSES = 1000
 CALIBRATION_IMAGES = 16  # int8: at least this many of the given images set activation ranges
@@ -57,17 +57,18 @@ def predict(
 
     Args:
         model: A classifier with a ``pretrained_cfg`` (e.g. from
-            :func:`polynet.loading.load_model`).
+            :func:`polynet.io.loading.load_model`).
         images: Image files (any format PIL reads).
         top_k: Classes per image (at most the number of classes).
         labels: Class names; by default :func:`class_labels`.
         batch_size: Images per forward pass.
         precision: ``"fp32"`` (the model as it is), ``"bf16"`` or ``"int8"`` (the model's
-            inference copy, see :func:`polynet.fuse.inference_model`; int8 is calibrated on the
+            inference copy, see :func:`polynet.inference.fuse.inference_model`; int8 is calibrated
+            on the
             first ``2 * batch_size`` images given, at least 16 when there are that many), or
             ``"auto"`` (:func:`polynet.devices.default_precision` of the model's device).
         runtime: ``"torch"`` or ``"onnxruntime"`` (the inference copy exported to ONNX and run
-            by ONNX Runtime on the CPU; see :func:`polynet.fuse.optimize_for_inference`).
+            by ONNX Runtime on the CPU; see :func:`polynet.inference.fuse.optimize_for_inference`).
 
     Returns:
         For each image, its ``top_k`` predictions, most probable first.

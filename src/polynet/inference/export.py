@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from polynet.checkpoint import atomic_write
+from polynet.io.checkpoint import atomic_write
 
 ExportFormat = Literal["onnx", "torchscript", "exported"]
 FORMATS: tuple[str, ...] = ("onnx", "torchscript", "exported")

@@ -31,18 +31,23 @@ from timm.models import (
 )
 from torch import nn
 
-from polynet.checkpoint import read_torch_file
-from polynet.data import FASHION_MNIST_CLASSES
 from polynet.errors import UserError
-from polynet.network import (
+from polynet.io.checkpoint import read_torch_file
+from polynet.io.weights import PORT_MODEL, load_pretrained
+from polynet.model.network import (
     PolyNet,
     PolyNetConfig,
     describe_classes,
     feature_map_size,
     take_indices,
 )
-from polynet.registry import MODELS, ModelDef, check_model_name, list_names
-from polynet.weights import PORT_MODEL, load_pretrained
+from polynet.model.registry import (
+    FASHION_MNIST_CLASSES,
+    MODELS,
+    ModelDef,
+    check_model_name,
+    list_names,
+)
 
 STAGE_NAMES = ("stage_a", "stage_b", "stage_c")
 """The modules whose outputs are the feature maps (``feature_info``, ``out_indices``)."""
@@ -68,7 +73,7 @@ def registered_cfg(definition: ModelDef) -> dict[str, Any]:
     Adds the final feature map's size at the default input (``pool_size``, computed from the
     stem and reductions), the data set's class names (``label_names``) and ``custom_load``,
     which makes timm hand a weights file to :meth:`PolyNet.load_pretrained
-    <polynet.network.PolyNet.load_pretrained>`.
+    <polynet.model.network.PolyNet.load_pretrained>`.
     """
     cfg = dict(definition.cfg)
     cfg["pool_size"] = feature_map_size(
@@ -247,7 +252,7 @@ def create_model(
         checkpoint_path: A ``.safetensors`` file or a checkpoint written by polynet or by the
             released port (``polynet-f71d82a5.pth``).
         **kwargs: ``num_classes``, ``in_chans``, ``features_only``, any
-            :class:`~polynet.network.PolyNet` argument.
+            :class:`~polynet.model.network.PolyNet` argument.
 
     Raises:
         ValueError: For an unknown name (listing valid ones) or bad arguments.

@@ -1,7 +1,7 @@
 """The registered models as data: spec, constructor arguments, preprocessing, description.
 
 This table imports nothing heavy (no torch, no timm), so ``polynet list`` and name checks answer
-at once; :mod:`polynet.zoo` registers every row with timm and builds the models.
+at once; :mod:`polynet.model.zoo` registers every row with timm and builds the models.
 """
 
 from __future__ import annotations
@@ -12,13 +12,26 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from polynet.algebra import PAPER_MODULES, module_id
 from polynet.errors import UserError
+from polynet.model.algebra import PAPER_MODULES, module_id
 
 # timm's IMAGENET_DEFAULT_MEAN / _STD (tests/test_zoo_registry.py checks they agree).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VERY_DEEP_SPEC = "A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+# Fashion-MNIST's labels in order: the registered small models' label_names.
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _ir(a: int, b: int, c: int) -> str:
@@ -61,8 +74,8 @@ class ModelDef:
     """A registered model: its spec, constructor arguments and preprocessing.
 
     Attributes:
-        spec: The network spec (see :mod:`polynet.specs`).
-        kwargs: Extra :class:`~polynet.network.PolyNet` arguments.
+        spec: The network spec (see :mod:`polynet.model.specs`).
+        kwargs: Extra :class:`~polynet.model.network.PolyNet` arguments.
         cfg: The preprocessing part of the ``pretrained_cfg`` (input size, crop,
             interpolation, mean, std, ...); the registered cfg adds what follows from the
             architecture and the data set (:func:`registered_cfg`).

@@ -22,9 +22,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from polynet._tokens import TokenStream
-from polynet.algebra import parse as parse_polynomial
-from polynet.modules import resolve_expression
+from polynet.model._tokens import TokenStream
+from polynet.model.algebra import parse as parse_polynomial
+from polynet.model.modules import resolve_expression
 
 STAGES = ("A", "B", "C")
 
