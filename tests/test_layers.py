@@ -29,16 +29,6 @@ LAYERS = {
     "bench": 5,
     "cli": 6,
 }
-# Known upward imports, to be removed: the registered models still load weights files
-# themselves (timm's pretrained=True calls PolyNet.load_pretrained, and the model renames the
-# released port's keys when a state dict in that layout is loaded). Moving weight loading to the
-# io layer removes all four; the test fails on any other.
-KNOWN = {
-    ("polynet.model.network", "polynet.io.port_layout"),
-    ("polynet.model.network", "polynet.io.weights"),
-    ("polynet.model.zoo", "polynet.io.checkpoint"),
-    ("polynet.model.zoo", "polynet.io.weights"),
-}
 
 
 def _layer(module: str) -> int | None:
@@ -76,9 +66,7 @@ def test_every_module_belongs_to_a_layer():
 
 
 def test_no_module_imports_from_a_layer_above_its_own():
-    upward = _upward_imports()
-    assert upward <= KNOWN, sorted(upward - KNOWN)
-    assert KNOWN <= upward, f"removed, take them off the list: {sorted(KNOWN - upward)}"
+    assert not _upward_imports(), sorted(_upward_imports())
 
 
 def test_import_polynet_loads_neither_the_data_stack_nor_onnx():

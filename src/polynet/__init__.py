@@ -50,3 +50,4 @@ def __dir__() -> list[str]:
 
 if not os.environ.get("POLYNET_DEFER_IMPORTS"):
     importlib.import_module("polynet.model.zoo")  # registers the models with timm
+    importlib.import_module("polynet.io.weights")  # how weights files reach a model

@@ -2,8 +2,9 @@
 
 The map between our keys and the port's is derived from the two module structures, one rule per
 kind of module (stem, reduction, k-way unit, released poly-k unit), not by position. This
-module builds on the blocks only, so the network (a plain ``load_state_dict`` of the port's
-file) and the weights files both use it without importing each other.
+module builds on the blocks only; the loading layer applies it to weights files
+(:mod:`polynet.io.weights`) and to state dicts given to a model's ``load_state_dict``
+(:func:`rename_port_keys`, installed into the model by :mod:`polynet.io.weights`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from torch import nn
 
 from polynet.model.blocks import ImageNetStem, InceptionBlock, Mixed
 from polynet.model.modules import PolyInception
+from polynet.model.registry import PORT_MODEL
 
-PORT_MODEL = "polynet_very_deep"
-"""The model the released port's weights belong to (the default for files without metadata)."""
+__all__ = ["PORT_MODEL", "from_port_layout", "port_key_map", "rename_port_keys", "to_port_layout"]
 
 
 def _conv_norm(leaves: dict[str, str], ours: str, port: str) -> None:
@@ -163,3 +164,20 @@ def is_port_layout(keys: set[str], model: nn.Module) -> bool:
         return False
     own_keys = set(model.state_dict())
     return len(keys & port_keys) > len(keys & own_keys)
+
+
+# The first convolution's key in the released port's layout; ours is stem.conv1.conv.weight.
+_PORT_ONLY_KEY = "stem.conv1.0.conv.weight"
+
+
+def rename_port_keys(model: nn.Module, state_dict: dict[str, Any], prefix: str) -> None:
+    """Rename the released port's keys to ours, in place, before a plain ``load_state_dict``.
+
+    timm's ``checkpoint_path=`` loads the file that way; :func:`polynet.io.weights.fit_state_dict`
+    renames for every other loader. BatchNorm itself fills the counters the 2017 file lacks.
+    """
+    if f"{prefix}{_PORT_ONLY_KEY}" not in state_dict:
+        return
+    for ours, port in port_key_map(model).items():
+        if prefix + port in state_dict:
+            state_dict[prefix + ours] = state_dict.pop(prefix + port)

@@ -41,8 +41,10 @@ from polynet.io.port_layout import (
     from_port_layout,
     is_port_layout,
     port_key_map,
+    rename_port_keys,
     to_port_layout,
 )
+from polynet.model.network import FileLoading, install_file_loading
 
 # The port's layout lives in polynet.io.port_layout; its names stay importable from here.
 __all__ = [
@@ -281,7 +283,7 @@ def fit_state_dict(
 
 
 def load_pretrained(model: nn.Module, checkpoint_path: str | os.PathLike) -> nn.Module:
-    """Load a weights file into ``model`` (the hook behind ``create_model(checkpoint_path=)``).
+    """Load a weights file into ``model``.
 
     Accepts converted ``.safetensors``, polynet checkpoints and plain state dicts in our layout
     or the released port's. A classifier of another size is re-initialised with a warning; the
@@ -352,3 +354,14 @@ def save_weights(
         tensors[key] = tensor
     data = safetensors.torch.save(tensors, metadata=metadata)
     atomic_write(path, lambda f: f.write(data))
+
+
+def _load_file(model: nn.Module, path: str | os.PathLike) -> list[str] | None:
+    """Load a weights file into ``model`` (read once); the class names it records."""
+    weights = read_weights(path)
+    model.load_state_dict(fit_state_dict(weights, model), strict=True)
+    return weights.class_names
+
+
+# The model knows no file format: the loading layer installs how files reach it.
+install_file_loading(FileLoading(load=_load_file, adapt_state_dict=rename_port_keys))

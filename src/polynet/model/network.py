@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import cache, partial
@@ -22,8 +22,6 @@ from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from polynet.errors import UserError
-from polynet.io.port_layout import port_key_map
-from polynet.io.weights import load_pretrained
 from polynet.model.blocks import (
     REDUCTION_A,
     REDUCTION_B,
@@ -42,6 +40,44 @@ from polynet.model.regional import restored_buffers as restored_buffers
 from polynet.model.specs import NetworkSpec
 
 StemKind = Literal["imagenet", "small"]
+
+
+@dataclass(frozen=True)
+class FileLoading:
+    """How weights files reach a model: installed by the io layer (:mod:`polynet.io.weights`).
+
+    The model knows no file format. timm hands a weights file to
+    :meth:`PolyNet.load_pretrained` (``custom_load``), and ``load_state_dict`` may be given a
+    state dict in another layout (timm's ``checkpoint_path=`` loads the released port's file
+    that way); both go through what the loading layer installed here.
+
+    Attributes:
+        load: Loads a weights file into a model; returns the class names the file records.
+        adapt_state_dict: Renames a state dict in another layout to the model's keys, in
+            place (``model``, ``state_dict``, ``prefix``).
+
+    """
+
+    load: Callable[[nn.Module, str | os.PathLike], Sequence[str] | None]
+    adapt_state_dict: Callable[[nn.Module, dict[str, Any], str], None]
+
+
+_file_loading: FileLoading | None = None
+
+
+def install_file_loading(loading: FileLoading) -> None:
+    """Install how weights files are read (the io layer calls this when it is imported)."""
+    global _file_loading
+    _file_loading = loading
+
+
+def file_loading() -> FileLoading:
+    """What :func:`install_file_loading` installed."""
+    if _file_loading is None:
+        raise RuntimeError("no file loading installed: import polynet.io.weights first")
+    return _file_loading
+
+
 # The model's top-level parts in forward order (state-dict prefixes).
 PARTS = ("stem", "stage_a", "reduction_a", "stage_b", "reduction_b", "stage_c", "last_linear")
 
@@ -569,14 +605,19 @@ class PolyNet(nn.Module):
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str | os.PathLike) -> None:
-        """Load any polynet weights file (:func:`polynet.io.weights.load_pretrained`).
+        """Load a weights file through the loading layer, once; take its class names.
 
-        timm's ``pretrained=True`` calls this for a file: the cfgs set ``custom_load``.
+        timm's ``pretrained=True`` calls this for a file (the cfgs set ``custom_load``), and
+        so does ``create_model(checkpoint_path=)``. The names the file records describe the
+        classifier where they number its outputs.
         """
-        load_pretrained(self, checkpoint_path)
+        names = file_loading().load(self, checkpoint_path)
+        if names and len(names) == self.num_classes:
+            describe_classes(self.pretrained_cfg, self.num_classes, names)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args) -> None:
-        _rename_port_layout(self, state_dict, prefix)
+        if _file_loading is not None:
+            _file_loading.adapt_state_dict(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
@@ -603,23 +644,6 @@ def _check_arguments(
         raise UserError(
             f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}"
         )
-
-
-# The first convolution's key in the released port's layout; ours is stem.conv1.conv.weight.
-_PORT_ONLY_KEY = "stem.conv1.0.conv.weight"
-
-
-def _rename_port_layout(model: PolyNet, state_dict: dict[str, Any], prefix: str) -> None:
-    """Rename the released port's keys to ours, in place, before a plain ``load_state_dict``.
-
-    timm's ``checkpoint_path=`` loads the file that way; ``polynet.io.weights`` renames for every
-    other loader. BatchNorm itself fills the counters the 2017 file lacks.
-    """
-    if f"{prefix}{_PORT_ONLY_KEY}" not in state_dict:
-        return
-    for ours, port in port_key_map(model).items():
-        if prefix + port in state_dict:
-            state_dict[prefix + ours] = state_dict.pop(prefix + port)
 
 
 def _classifier(

@@ -17,6 +17,8 @@ from polynet.model.algebra import PAPER_MODULES, module_id
 
 # timm's IMAGENET_DEFAULT_MEAN / _STD (tests/test_zoo_registry.py checks they agree).
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+PORT_MODEL = "polynet_very_deep"
+"""The model the released port's weights belong to (the default for files without metadata)."""
 VERY_DEEP_SPEC = "A: 2-way x10 | B: (poly-3, 2-way) x10 | C: (poly-3, 2-way) x5"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 # Fashion-MNIST's labels in order: the registered small models' label_names.

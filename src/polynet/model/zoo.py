@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
 import sys
 from collections.abc import Mapping
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-import safetensors
 import timm
 from timm.data import ImageNetInfo
 from timm.models import (
@@ -32,18 +28,18 @@ from timm.models import (
 from torch import nn
 
 from polynet.errors import UserError
-from polynet.io.checkpoint import read_torch_file
-from polynet.io.weights import PORT_MODEL, load_pretrained
 from polynet.model.network import (
     PolyNet,
     PolyNetConfig,
     describe_classes,
     feature_map_size,
+    file_loading,
     take_indices,
 )
 from polynet.model.registry import (
     FASHION_MNIST_CLASSES,
     MODELS,
+    PORT_MODEL,
     ModelDef,
     check_model_name,
     list_names,
@@ -131,26 +127,6 @@ def _check_weights_given(name: str, args: Mapping[str, Any]) -> None:
     )
 
 
-def recorded_class_names(path: str | os.PathLike) -> list[str] | None:
-    """The class names a weights file records, read without loading its tensors.
-
-    Args:
-        path: A ``.safetensors`` file (``class_names`` metadata) or a polynet checkpoint
-            (``class_names``, or ``classes`` in older ones); the released port's file has none.
-
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            names = (f.metadata() or {}).get("class_names")
-        return json.loads(names) if names else None
-    payload = read_torch_file(path, map_location="meta")  # tensors as shapes only: no I/O
-    if not isinstance(payload, Mapping):
-        return None
-    names = payload.get("class_names", payload.get("classes"))
-    return list(names) if names else None
-
-
 def _build(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     definition = MODELS[name]
     args = {"spec": definition.spec, **definition.kwargs, **kwargs}
@@ -159,7 +135,7 @@ def _build(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if pretrained:
         _check_weights_given(name, args)
         # timm turns custom_load off for a file given in the overlay unless it is asked for:
-        # the file must still reach PolyNet.load_pretrained, which knows every polynet layout.
+        # the file must still reach PolyNet.load_pretrained, which hands it to the loading layer.
         args["pretrained_cfg_overlay"] = {
             "custom_load": True,
             **(args.get("pretrained_cfg_overlay") or {}),
@@ -180,10 +156,8 @@ def _build(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         )
     except UserError:  # an input_size (from an overlay) too small for this stem
         cfg["pool_size"] = None
-    names = recorded_class_names(cfg["file"]) if pretrained and cfg.get("file") else None
-    if len(names or ()) != model.num_classes:  # fine-tuned to other classes: not the file's
-        names = None
-    describe_classes(cfg, model.num_classes, names)
+    # A file's class names were taken as it loaded (PolyNet.load_pretrained).
+    describe_classes(cfg, model.num_classes)
     return model
 
 
@@ -267,9 +241,8 @@ def create_model(
     _check_arguments(kwargs)
     model = timm.create_model(name, pretrained=False, **kwargs)
     if checkpoint_path is not None:
-        load_pretrained(model, checkpoint_path)
-        names = recorded_class_names(checkpoint_path)
-        cfg = getattr(model, "pretrained_cfg", None)
-        if cfg is not None and names and len(names) == getattr(model, "num_classes", -1):
-            describe_classes(cfg, model.num_classes, names)
+        if isinstance(model, PolyNet):
+            model.load_pretrained(checkpoint_path)  # read once, its class names taken
+        else:  # a features_only wrapper: the weights only
+            file_loading().load(model, checkpoint_path)
     return model
