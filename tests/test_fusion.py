@@ -14,6 +14,7 @@ from polynet.inference.fuse import (
     join_convs,
     optimize_for_inference,
 )
+from polynet.model.blocks import ConvNormAct, InceptionBlock, Mixed
 from polynet.model.modules import PolyInception
 from polynet.model.network import compile_units
 
@@ -201,3 +202,29 @@ def test_compile_units_compiles_each_unit_kind_once_in_place_and_keeps_results()
     assert counter.frame_count <= 12  # a graph per unit kind and Mixed part, not one per unit
     with torch.no_grad():
         assert torch.allclose(model.eval()(x), reference.eval()(x), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", [n for n in polynet.list_models() if n != "polynet"])
+def test_every_registered_model_fuses_completely(name):
+    # On the meta device at width 1/16: the structure (units, sharing, stem, reductions) is the
+    # registered model's, and fusing it is a rewrite of that structure.
+    model = polynet.create_model(name, device="meta", width_mult=1 / 16)
+    fused = optimize_for_inference(model, prepack=False, strict=True)
+    left = [
+        type(m).__name__
+        for m in fused.modules()
+        if isinstance(m, (nn.BatchNorm2d, PolyInception, InceptionBlock, Mixed, ConvNormAct))
+    ]
+    assert not left, f"{name}: {len(left)} parts unfused, e.g. {left[:3]}"
+
+
+def test_a_part_that_cannot_fold_is_named_loudly_and_refused_with_strict():
+    from polynet.inference.fuse import FusionError, FusionWarning
+
+    model = polynet.create_model("polynet_small", norm_layer="layernorm2d").eval()
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.warns(FusionWarning, match=r"left 8 parts unfused.*stem\.conv1: cannot fold"):
+        fused = optimize_for_inference(model)
+    assert torch.allclose(fused(x), model(x), atol=TOL)  # the unfused parts run as built
+    with pytest.raises(FusionError, match="cannot fold LayerNorm2d"):
+        optimize_for_inference(model, strict=True)

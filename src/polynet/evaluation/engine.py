@@ -307,7 +307,8 @@ def evaluate(
             (:func:`polynet.inference.fuse.optimize_for_inference`: norms folded, parallel
             convolutions
             joined, oneDNN-packed on CPU; the same outputs within float rounding). Other
-            models, and norms that cannot fold, are evaluated as they are.
+            models are evaluated as they are; a part that cannot fold runs as built, named by a
+            :class:`~polynet.inference.fuse.FusionWarning`.
         precision: ``"fp32"``, ``"bf16"`` (bf16 weights and activations, fp32 logits) or
             ``"int8"`` (static quantization, CPU only; see
             :func:`polynet.inference.fuse.inference_model`).

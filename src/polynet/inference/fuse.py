@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -404,7 +405,21 @@ def _fold_relus(model: nn.Module) -> None:
                     module[i + 1] = nn.Identity()
 
 
-def _rewrite(module: nn.Module) -> nn.Module:
+class FusionWarning(UserWarning):
+    """Parts of a model were left unfused: they run as built, correct but slower."""
+
+
+class FusionError(ValueError):
+    """Parts of a model could not be fused (:func:`optimize_for_inference` with ``strict``)."""
+
+
+def _rewrite_part(module: nn.Module) -> nn.Module | None:
+    """The rewrite of one part :func:`optimize_for_inference` knows, or None for a container.
+
+    Raises:
+        ValueError: If the part cannot be rewritten (e.g. a norm without running statistics).
+
+    """
     if isinstance(module, PolyInception) and all(
         isinstance(b, InceptionBlock) for b in module.blocks.values()
     ):
@@ -415,9 +430,37 @@ def _rewrite(module: nn.Module) -> nn.Module:
         return _fold_mixed(module)
     if isinstance(module, ConvNormAct):
         return _folded_layer(module)
-    for name, child in module.named_children():
-        setattr(module, name, _rewrite(child))
+    return None
+
+
+def _rewrite(module: nn.Module, unfused: list[tuple[str, str]], name: str = "") -> nn.Module:
+    """Rewrite every part that folds; keep the others as built, noting where and why."""
+    try:
+        rewritten = _rewrite_part(module)
+    except ValueError as err:
+        unfused.append((name or type(module).__name__, str(err)))
+        return module
+    if rewritten is not None:
+        return rewritten
+    for child_name, child in module.named_children():
+        path = f"{name}.{child_name}" if name else child_name
+        setattr(module, child_name, _rewrite(child, unfused, path))
     return module
+
+
+def _report_unfused(unfused: list[tuple[str, str]], strict: bool) -> None:
+    """Say which parts were left unfused and why: a warning, or with ``strict`` an error."""
+    if not unfused:
+        return
+    shown = "; ".join(f"{name}: {reason}" for name, reason in unfused[:3])
+    more = f" (and {len(unfused) - 3} more)" if len(unfused) > 3 else ""
+    message = (
+        f"optimize_for_inference left {len(unfused)} part{'s' if len(unfused) != 1 else ''} "
+        f"unfused, running as built (slower): {shown}{more}"
+    )
+    if strict:
+        raise FusionError(message)
+    warnings.warn(message, FusionWarning, stacklevel=3)
 
 
 def is_fusable(model: nn.Module) -> bool:
@@ -503,6 +546,7 @@ def optimize_for_inference(
     calibration: Iterable[torch.Tensor] | None = None,
     runtime: str = "torch",
     input_size: Sequence[int] | None = None,
+    strict: bool = False,
 ) -> nn.Module:
     """Return an equivalent eval-only copy of ``model``, norms folded, parallel convs joined.
 
@@ -529,6 +573,9 @@ def optimize_for_inference(
             runs in ONNX Runtime either way.
         input_size: (C, H, W) the ONNX graph is exported at (``"onnxruntime"``); the model's
             ``pretrained_cfg`` size by default.
+        strict: Raise :class:`FusionError` for a part that cannot be fused (a norm without
+            running statistics, say) instead of keeping it as built with a
+            :class:`FusionWarning` that names it and the reason.
 
     Returns:
         The rewritten copy, in eval mode with gradients disabled; for ``"int8"`` and
@@ -537,18 +584,23 @@ def optimize_for_inference(
     Raises:
         UserError: For an unknown precision or runtime, bf16 in ONNX Runtime, or int8 without
             calibration batches.
+        FusionError: With ``strict``, for a part that cannot be fused.
 
     """
     check_runtime(runtime, precision)
     if precision == "int8":
         from polynet.inference.quantize import quantize_int8
 
-        return quantize_int8(optimize_for_inference(model, prepack=False), calibration)
+        folded = optimize_for_inference(model, prepack=False, strict=strict)
+        return quantize_int8(folded, calibration)
     if runtime == "onnxruntime":
         from polynet.inference.quantize import onnx_runtime_model
 
-        return onnx_runtime_model(optimize_for_inference(model, prepack=False), input_size)
-    fused = _rewrite(copy.deepcopy(model).eval())
+        folded = optimize_for_inference(model, prepack=False, strict=strict)
+        return onnx_runtime_model(folded, input_size)
+    unfused: list[tuple[str, str]] = []
+    fused = _rewrite(copy.deepcopy(model).eval(), unfused)
+    _report_unfused(unfused, strict)
     fused.requires_grad_(False)
     if channels_last:
         fused = fused.to(memory_format=torch.channels_last)
@@ -572,9 +624,9 @@ def inference_model(
 ) -> nn.Module:
     """The model to run for inference at ``precision``: fused where it can be, else as built.
 
-    A PolyNet gets :func:`optimize_for_inference`; other models, and norms that cannot fold,
-    run unfused: as they are in fp32, as a bf16 copy in :class:`CastModel`, or quantized
-    directly for int8.
+    A PolyNet gets :func:`optimize_for_inference` (a part that cannot fold runs as built, and a
+    :class:`FusionWarning` names it); other models run unfused: as they are in fp32, as a bf16
+    copy in :class:`CastModel`, or quantized directly for int8.
 
     Args:
         model: The classifier, in eval mode on its device.
@@ -594,19 +646,15 @@ def inference_model(
     if runtime == "onnxruntime" and on.type != "cpu":
         raise UserError(f"ONNX Runtime runs on the CPU and the model is on {on}; use --device cpu")
     if fuse and is_fusable(model):
-        try:
-            with torch.inference_mode(False):  # ordinary tensors: the copy's weights stay tracked
-                return optimize_for_inference(
-                    model,
-                    precision=precision,
-                    calibration=calibration,
-                    runtime=runtime,
-                    input_size=input_size,
-                )
-        except UserError:
-            raise
-        except ValueError:  # e.g. norms without running statistics: nothing to fold
-            pass
+        with torch.inference_mode(False):  # ordinary tensors: the copy's weights stay tracked
+            # A part that cannot fold runs as built, and a FusionWarning names it.
+            return optimize_for_inference(
+                model,
+                precision=precision,
+                calibration=calibration,
+                runtime=runtime,
+                input_size=input_size,
+            )
     if precision == "bf16":
         with torch.inference_mode(False):
             return CastModel(copy.deepcopy(model).eval().to(torch.bfloat16), torch.bfloat16)
