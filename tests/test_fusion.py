@@ -228,3 +228,28 @@ def test_a_part_that_cannot_fold_is_named_loudly_and_refused_with_strict():
     assert torch.allclose(fused(x), model(x), atol=TOL)  # the unfused parts run as built
     with pytest.raises(FusionError, match="cannot fold LayerNorm2d"):
         optimize_for_inference(model, strict=True)
+
+
+def test_packed_weights_are_reused_across_batch_sizes():
+    conv = PackedConv2d(16, 24, 3, padding=1).eval()
+    reference = nn.Conv2d(16, 24, 3, padding=1).eval()
+    reference.load_state_dict(conv.state_dict())
+    with torch.no_grad():
+        if not conv._use_packed(torch.randn(1, 16, 9, 9)):
+            pytest.skip("this PyTorch has no oneDNN")
+    packs = []
+    real = torch._C._nn.mkldnn_reorder_conv2d_weight
+
+    def counted(*args):
+        packs.append(args[-1])
+        return real(*args)
+
+    torch._C._nn.mkldnn_reorder_conv2d_weight = counted
+    try:
+        with torch.no_grad():
+            for n in (36, 1, 7, 36):  # multi-crop batches vary in size
+                x = torch.randn(n, 16, 9, 9)
+                assert torch.allclose(conv(x), reference(x), atol=TOL)
+    finally:
+        torch._C._nn.mkldnn_reorder_conv2d_weight = real
+    assert len(packs) == 1

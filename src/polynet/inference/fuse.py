@@ -269,8 +269,11 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(
-        torch.ops.mkldnn, "_convolution_pointwise"
+    """Whether this build has oneDNN and the two private ops packed convolutions use."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+        and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
     )
 
 
@@ -289,8 +292,9 @@ class PackedConv2d(nn.Conv2d):
     computation (fp32 or bf16). Anything else (training, gradients, CUDA, other dtypes, export,
     FLOP counters and other dispatch modes) takes the ordinary ``nn.Conv2d`` path, and
     ``weight`` stays an ordinary parameter, so ``state_dict`` and exports are unchanged. The
-    packed copy is rebuilt when the weight or the input shape changes, and is not saved or
-    copied.
+    packed copy depends on the weight (its storage, version and dtype) and on the image size
+    oneDNN is told to expect; it is valid for inputs of any shape (tested), so batches of
+    varying size (multi-crop evaluation) reuse it. It is not saved or copied.
 
     Attributes:
         post_op: ``"relu"`` when the ReLU that followed this convolution was folded into it
@@ -303,7 +307,8 @@ class PackedConv2d(nn.Conv2d):
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         # Inference tensors (weights made under inference_mode) keep no version counter.
         version = 0 if self.weight.is_inference() else self.weight._version
-        key = (self.weight.data_ptr(), version, tuple(x.shape))
+        # What the packing depends on: the weight, and the image size as oneDNN's hint.
+        key = (self.weight.data_ptr(), version, self.weight.dtype, tuple(x.shape[1:]))
         if getattr(self, "_pack_key", None) != key:
             self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 self.weight.detach().to_mkldnn(),
