@@ -25,6 +25,7 @@ import copy
 import functools
 import warnings
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +35,12 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 from polynet.errors import UserError
 from polynet.model.blocks import ConvNormAct, InceptionBlock, Mixed
 from polynet.model.modules import PER_ORDER_SHARINGS, PolyInception
+
+if TYPE_CHECKING:
+    from polynet.inference.quantize import OnnxRuntimeModel
+
+    InferenceModel = nn.Module | OnnxRuntimeModel
+    """What inference runs: a module, or an ONNX Runtime session (a callable, not a module)."""
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
@@ -484,9 +491,9 @@ RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
 class CastModel(nn.Module):
     """Run a model in another dtype: inputs cast at the entry, float32 outputs.
 
-    Attributes the wrapper does not have (``num_classes``, ``pretrained_cfg``, ...) are the
-    wrapped model's; only ``forward`` casts, so its other methods (``forward_features``) take
-    inputs in ``dtype``.
+    A module: its parameters, ``eval`` and ``to`` are the wrapped model's, as its submodule.
+    ``num_classes`` and ``pretrained_cfg`` are the wrapped model's too; its other methods
+    (``forward_features``, ...) are on :attr:`model` and take inputs in ``dtype``.
 
     Attributes:
         model: The wrapped model, its parameters in ``dtype``.
@@ -503,12 +510,15 @@ class CastModel(nn.Module):
         """The wrapped model's output for ``x`` in ``dtype``, as float32."""
         return self.model(x.to(self.dtype)).float()
 
-    def __getattr__(self, name: str):
-        """Parameters and submodules first, then the wrapped model's attributes."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("model"), name)
+    @property
+    def num_classes(self) -> int:
+        """The wrapped model's classifier outputs."""
+        return self.model.num_classes
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The wrapped model's preprocessing and class names."""
+        return self.model.pretrained_cfg
 
 
 def check_precision(precision: str) -> str:
@@ -552,7 +562,7 @@ def optimize_for_inference(
     runtime: str = "torch",
     input_size: Sequence[int] | None = None,
     strict: bool = False,
-) -> nn.Module:
+) -> InferenceModel:
     """Return an equivalent eval-only copy of ``model``, norms folded, parallel convs joined.
 
     The original model is left untouched. The copy computes the same outputs as
@@ -584,7 +594,8 @@ def optimize_for_inference(
 
     Returns:
         The rewritten copy, in eval mode with gradients disabled; for ``"int8"`` and
-        ``"onnxruntime"`` a callable taking and returning torch tensors.
+        ``"onnxruntime"`` an :class:`~polynet.inference.quantize.OnnxRuntimeModel` (a callable
+        taking and returning torch tensors, not a module).
 
     Raises:
         UserError: For an unknown precision or runtime, bf16 in ONNX Runtime, or int8 without
@@ -626,7 +637,7 @@ def inference_model(
     fuse: bool = True,
     runtime: str = "torch",
     input_size: Sequence[int] | None = None,
-) -> nn.Module:
+) -> InferenceModel:
     """The model to run for inference at ``precision``: fused where it can be, else as built.
 
     A PolyNet gets :func:`optimize_for_inference` (a part that cannot fold runs as built, and a

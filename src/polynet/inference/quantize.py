@@ -65,11 +65,11 @@ class _Batches:
 
 
 class OnnxRuntimeModel:
-    """An ONNX Runtime session behaving like an eval-mode classifier on torch tensors.
+    """An ONNX Runtime session that classifies torch tensors: a callable, not a module.
 
-    The graph is the fp32 export of a model or its int8 quantization. Attributes of the model
-    it was made from (``num_classes``, ``pretrained_cfg``, ...)
-    are available on it; it has no parameters and cannot be trained.
+    The graph is the fp32 export of a model or its int8 quantization. It has no parameters,
+    lives on the CPU and cannot be trained; ``num_classes`` and ``pretrained_cfg`` are the
+    model's it was made from (:attr:`source_model`).
 
     Args:
         onnx_bytes: The ONNX model (inputs ``input``, outputs ``logits``).
@@ -103,10 +103,10 @@ class OnnxRuntimeModel:
         """No-op (always in eval mode), for code that calls ``model.eval()``."""
         return self
 
-    def to(self, device: torch.device | str | None = None, *args, **kwargs) -> OnnxRuntimeModel:
-        """Stay on the CPU; any other device is refused."""
-        if device is not None and torch.device(device).type != "cpu":
-            raise UserError("the ONNX Runtime model runs on the CPU; use --device cpu")
+    def train(self, mode: bool = True) -> OnnxRuntimeModel:
+        """Refuse training mode (an inference session has nothing to train)."""
+        if mode:
+            raise UserError("an ONNX Runtime model cannot be trained; train the torch model")
         return self
 
     @property
@@ -114,15 +114,15 @@ class OnnxRuntimeModel:
         """The fp32 model this was made from (e.g. to count its FLOPs)."""
         return self._source
 
-    def parameters(self):
-        """The source model's parameters (where callers look for the device)."""
-        return self._source.parameters()
+    @property
+    def num_classes(self) -> int:
+        """The source model's classifier outputs."""
+        return self._source.num_classes
 
-    def __getattr__(self, name: str):
-        """The source model's attributes (``num_classes``, ``pretrained_cfg``, ...)."""
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self._source, name)
+    @property
+    def pretrained_cfg(self) -> dict:
+        """The source model's preprocessing and class names."""
+        return self._source.pretrained_cfg
 
 
 def _calibration_list(calibration: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
