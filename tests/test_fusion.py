@@ -253,3 +253,23 @@ def test_packed_weights_are_reused_across_batch_sizes():
     finally:
         torch._C._nn.mkldnn_reorder_conv2d_weight = real
     assert len(packs) == 1
+
+
+def test_drop_probabilities_are_tensors_and_cause_no_recompiles():
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = polynet.create_model("polynet_very_deep", width_mult=1 / 16, drop_rate=0.0)
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compile_units(model, backend=counter)
+    assert torch._dynamo.config.recompile_limit == limit  # dynamo's limits are left alone
+    x = torch.randn(2, 3, 75, 75)
+    model.train().set_path_drop(0.25)  # 0 at the first unit rising to 0.25: 40 rates
+    model(x).sum().backward()
+    frames = counter.frame_count
+    assert frames <= 14  # a graph per unit kind (dropping or not) and Mixed part
+    model.set_path_drop(0.1)
+    model(x).sum().backward()
+    assert counter.frame_count == frames  # new rates, no new graph

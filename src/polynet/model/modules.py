@@ -80,6 +80,10 @@ class PolyInception(nn.Module):
         # units that differ only in scale (the released model's decaying scales) would each
         # compile their own. Not persistent: the released weights have no such entry.
         self.register_buffer("scale_factor", torch.tensor(float(scale)), persistent=False)
+        # The drop probability too: stochastic paths rise linearly over the units, and a float
+        # per unit would compile a graph per unit. Only whether paths drop at all is plain.
+        self.register_buffer("drop_rate", torch.tensor(float(drop_prob)), persistent=False)
+        self.drops = False
         self.scale = scale
         self.drop_prob = drop_prob
         self.blocks = nn.ModuleDict(
@@ -144,6 +148,9 @@ class PolyInception(nn.Module):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"path drop probability must be in [0, 1), got {value}")
         self._drop_prob = float(value)
+        self.drops = value > 0.0
+        with torch.no_grad():
+            self.drop_rate.fill_(self._drop_prob)
 
     def _run_block(self, letter: str, order: int, h: torch.Tensor, inner: bool) -> torch.Tensor:
         if inner and self.act_between:
@@ -157,11 +164,11 @@ class PolyInception(nn.Module):
 
     def _path_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """Per-sample keep mask over the paths, pre-scaled for inverted dropout, or None."""
-        if not self.training or self._drop_prob == 0.0:
+        if not self.training or not self.drops:
             return None
-        keep = 1.0 - self._drop_prob
+        keep = (1.0 - self.drop_rate).to(x.dtype)
         shape = (self.num_paths, x.shape[0], 1, 1, 1)
-        return x.new_empty(shape).bernoulli_(keep).div_(keep)
+        return (torch.rand(shape, device=x.device) < keep).to(x.dtype).div_(keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Cascaded evaluation: ``act(x + scale * sum of path outputs)``, each suffix once."""

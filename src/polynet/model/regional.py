@@ -97,10 +97,8 @@ def compile_units(model: nn.Module, **compile_kwargs) -> nn.Module:
     regions = [m for m in model.modules() if isinstance(m, (PolyInception, Mixed))]
     if not regions:
         return torch.compile(model, **compile_kwargs)
-    # Each unit kind (and each distinct drop probability) is one recompilation of the same
-    # forward; let them all be cached rather than fall back to eager after the default few.
-    limit = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit, len(regions))
+    # Each unit kind is one compilation of the same forward; scales and drop probabilities
+    # are tensors, so units that differ only in them share it.
     compile_kwargs.setdefault("dynamic", False)
     for region in regions:
         region.compile(**compile_kwargs)
