@@ -17,7 +17,7 @@ counts, a width multiplier and, at the small scale, a stride-1 3 x 3 stem for 28
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -242,6 +242,86 @@ def _resnet(depth: int, scale: str, width_mult: float) -> StudyConfig:
     )
 
 
+def _stages_configs(scale: str, row: dict[str, Any]) -> list[StudyConfig]:
+    """IR 3-6-3 and each of the six paper modules in stage A, B or C (Fig. 6)."""
+    configs = [_polynet("ir_3_6_3", "IR 3-6-3", "polynet_ir_3_6_3", None, scale, units=12,
+                        baseline=True, **row)]  # fmt: skip
+    for stage in "abc":
+        for module in PAPER_MODULES:
+            name = f"{stage}_{module_id(module)}"
+            configs.append(
+                _polynet(
+                    name,
+                    module,
+                    f"polynet_3_6_3_{name}",
+                    None,
+                    scale,
+                    group=stage.upper(),
+                    units=12,
+                    **row,
+                )  # fmt: skip
+            )
+    return configs
+
+
+def _mixing_configs(scale: str, row: dict[str, Any]) -> list[StudyConfig]:
+    """IR 6-12-6, stage B made of one module throughout, and the mixed stage B (Fig. 8)."""
+    configs = [_polynet("ir_6_12_6", "IR 6-12-6", "polynet_ir_6_12_6", None, scale, units=24,
+                        baseline=True, **row)]  # fmt: skip
+    for module in ("poly-3", "mpoly-3", "3-way"):
+        name = module_id(module)
+        configs.append(
+            _polynet(
+                name,
+                module,
+                f"polynet_6_12_6_{name}",
+                None,
+                scale,
+                group="uniform",
+                units=24,
+                **row,
+            )  # fmt: skip
+        )
+    configs.append(_polynet("mixed", "mixed", "polynet_6_12_6_mixed", None, scale,
+                            group="mixed", units=24, **row))  # fmt: skip
+    return configs
+
+
+def _depth_configs(scale: str, row: dict[str, Any]) -> list[StudyConfig]:
+    """Residual networks of growing depth (Fig. 2)."""
+    return [_resnet(depth, scale, row["width_mult"]) for depth in RESNET_LAYERS]
+
+
+def _scaling_configs(scale: str, row: dict[str, Any]) -> list[StudyConfig]:
+    """ResNets, IR networks and PolyNets on one cost axis (Sec. 5, Fig. 11)."""
+    configs = [_resnet(depth, scale, row["width_mult"]) for depth in (152, 269, 500)]
+    for a, b, c in ((3, 6, 3), (5, 10, 5), (6, 12, 6), (20, 56, 20)):
+        configs.append(_polynet(f"ir_{a}_{b}_{c}", f"IR {a}-{b}-{c}", f"polynet_ir_{a}_{b}_{c}",
+                                None, scale, units=a + b + c, **row))  # fmt: skip
+    configs += [
+        _polynet("polynet_3_6_3_2way", "PolyNet 3-6-3 2-way", None,
+                 "A: 2-way x3 | B: 2-way x6 | C: 2-way x3", scale, units=12, **row),
+        _polynet("polynet_6_12_6_mixed", "PolyNet 6-12-6 mixed", "polynet_6_12_6_mixed", None,
+                 scale, units=24, **row),
+        _polynet("polynet_very_deep", "Very Deep PolyNet", "polynet_very_deep", VERY_DEEP_SPEC,
+                 scale, units=40, **row),
+    ]  # fmt: skip
+    return configs
+
+
+# Each study: its title, the paper's figure, and its configs at a scale and width.
+_STUDY_TABLE: dict[str, tuple[str, str, Callable[[str, dict[str, Any]], list[StudyConfig]]]] = {
+    "stages": ("PolyInception in one stage of IR 3-6-3 (Sec. 3.2)", "Fig. 6", _stages_configs),
+    "mixing": (
+        "Mixing PolyInception designs in stage B of IR 6-12-6 (Sec. 3.3)",
+        "Fig. 8",
+        _mixing_configs,
+    ),
+    "depth": ("Residual networks of growing depth (Fig. 2)", "Fig. 2", _depth_configs),
+    "scaling": ("ResNet, IR and PolyNet of growing size (Sec. 5)", "Fig. 11", _scaling_configs),
+}
+
+
 def build_study(name: str, scale: str = "small", width_mult: float | None = None) -> Study:
     """Build a named study.
 
@@ -255,140 +335,14 @@ def build_study(name: str, scale: str = "small", width_mult: float | None = None
         ValueError: For an unknown study or scale.
 
     """
-    if name not in STUDIES:
+    if name not in _STUDY_TABLE:
         raise ValueError(f"unknown study {name!r}; choose from {', '.join(STUDIES)}")
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; choose from {', '.join(SCALES)}")
     if width_mult is None:
         width_mult = SMALL_WIDTH if scale == "small" else 1.0
-    row = dict(width_mult=width_mult)
-    configs: list[StudyConfig] = []
-    if name == "stages":
-        configs.append(
-            _polynet(
-                "ir_3_6_3",
-                "IR 3-6-3",
-                "polynet_ir_3_6_3",
-                None,
-                scale,
-                units=12,
-                baseline=True,
-                **row,
-            )
-        )
-        for stage in "abc":
-            for module in PAPER_MODULES:
-                registry = f"polynet_3_6_3_{stage}_{module_id(module)}"
-                configs.append(
-                    _polynet(
-                        f"{stage}_{module_id(module)}",
-                        module,
-                        registry,
-                        None,
-                        scale,
-                        group=stage.upper(),
-                        units=12,
-                        **row,
-                    )
-                )
-        return Study(
-            name, "PolyInception in one stage of IR 3-6-3 (Sec. 3.2)", "Fig. 6", tuple(configs)
-        )
-    if name == "mixing":
-        configs.append(
-            _polynet(
-                "ir_6_12_6",
-                "IR 6-12-6",
-                "polynet_ir_6_12_6",
-                None,
-                scale,
-                units=24,
-                baseline=True,
-                **row,
-            )
-        )
-        for module in ("poly-3", "mpoly-3", "3-way"):
-            registry = f"polynet_6_12_6_{module_id(module)}"
-            configs.append(
-                _polynet(
-                    module_id(module),
-                    module,
-                    registry,
-                    None,
-                    scale,
-                    group="uniform",
-                    units=24,
-                    **row,
-                )
-            )
-        configs.append(
-            _polynet(
-                "mixed",
-                "mixed",
-                "polynet_6_12_6_mixed",
-                None,
-                scale,
-                group="mixed",
-                units=24,
-                **row,
-            )
-        )
-        return Study(
-            name,
-            "Mixing PolyInception designs in stage B of IR 6-12-6 (Sec. 3.3)",
-            "Fig. 8",
-            tuple(configs),
-        )
-    if name == "depth":
-        configs = [_resnet(depth, scale, width_mult) for depth in RESNET_LAYERS]
-        return Study(name, "Residual networks of growing depth (Fig. 2)", "Fig. 2", tuple(configs))
-    # scaling (Sec. 5, Fig. 11): three families on one cost axis.
-    configs = [_resnet(depth, scale, width_mult) for depth in (152, 269, 500)]
-    for a, b, c in ((3, 6, 3), (5, 10, 5), (6, 12, 6), (20, 56, 20)):
-        configs.append(
-            _polynet(
-                f"ir_{a}_{b}_{c}",
-                f"IR {a}-{b}-{c}",
-                f"polynet_ir_{a}_{b}_{c}",
-                None,
-                scale,
-                units=a + b + c,
-                **row,
-            )
-        )
-    configs.append(
-        _polynet(
-            "polynet_3_6_3_2way",
-            "PolyNet 3-6-3 2-way",
-            None,
-            "A: 2-way x3 | B: 2-way x6 | C: 2-way x3",
-            scale,
-            units=12,
-            **row,
-        )
-    )
-    configs.append(
-        _polynet(
-            "polynet_6_12_6_mixed",
-            "PolyNet 6-12-6 mixed",
-            "polynet_6_12_6_mixed",
-            None,
-            scale,
-            units=24,
-            **row,
-        )
-    )
-    very_deep = _polynet(
-        "polynet_very_deep",
-        "Very Deep PolyNet",
-        "polynet_very_deep",
-        VERY_DEEP_SPEC,
-        scale,
-        units=40,
-        **row,
-    )
-    configs.append(very_deep)
-    return Study(name, "ResNet, IR and PolyNet of growing size (Sec. 5)", "Fig. 11", tuple(configs))
+    title, figure, configs = _STUDY_TABLE[name]
+    return Study(name, title, figure, tuple(configs(scale, dict(width_mult=width_mult))))
 
 
-STUDIES = ("stages", "mixing", "depth", "scaling")
+STUDIES = tuple(_STUDY_TABLE)
