@@ -346,24 +346,8 @@ def run_study(
     # Validate the recipe and the data before any long work.
     recipe_for(study.configs[0], options, 0, runs / "check")
     classes = list(build_dataset(options.data, "val").classes)
-    rows: list[dict[str, Any]] = []
     trained: list[str] = []
-    cached: list[str] = []
-    pending = []
-    for seed in range(options.seeds):
-        for config in study.configs:
-            if shard is not None and not shard.owns(whole, config.name, seed):
-                continue
-            key = pair_key(config.name, seed)
-            cfg = recipe_for(config, options, seed, runs / key)
-            identity = run_identity(cfg)
-            saved = None if options.rerun else store.load(key)
-            if saved is None:
-                pending.append((config, seed, key, cfg, identity))
-            else:
-                store.check(saved, identity)
-                rows.append(saved)
-                cached.append(key)
+    pending, rows, cached = _sort_pairs(whole, study, options, runs, store, shard)
     if is_main:
         _write_study_json(out, study, scale, options, len(classes))
     # Timing after the cache check, so that a refused folder fails before any long work.
@@ -402,36 +386,9 @@ def run_study(
             continue
         if config.name not in costs:
             costs[config.name] = model_costs(config, len(classes))
-        last = outcome.history[-1] if outcome.history else {}
-        row: dict[str, Any] = dict(
-            config=config.name,
-            seed=seed,
-            **{k: v for k, v in asdict(config).items() if k != "name"},
-            **costs[config.name],
-            **_evaluate_run(runs / key, options.data, options, autocast_of(cfg)),
-            num_classes=len(classes),
-            steps=outcome.steps,
-            epochs=outcome.epochs,
-            train_loss=last.get("train_loss"),
-            train_top1=last.get("train_top1"),
-            train_curve=[
-                {k: h[k] for k in ("epoch", "step", "lr", "train_loss", "train_top1") if k in h}
-                for h in outcome.history
-            ],
-            train_seconds=outcome.seconds,
-            wall_seconds=time.time() - started,
-            started_at=started,
-            finished_at=time.time(),
-            device=_device_name(resolve_device(cfg.device)),
-            # Machines of one kind differ from day to day (AVX2 one day, AVX-512 with native
-            # bf16 the next): the instruction set is part of what the times mean.
-            cpu_capability=torch.backends.cpu.get_cpu_capability(),
-            world_size=world_size(),
-            threads=torch.get_num_threads(),
-            settings=_settings(cfg),
-            recipe=identity,
-            fingerprint=fingerprint(identity),
-        )
+        evaluated = _evaluate_run(runs / key, options.data, options, autocast_of(cfg))
+        measured = dict(**costs[config.name], **evaluated, num_classes=len(classes))
+        row = _result_row(config, seed, cfg, identity, outcome, started, measured)
         with folder_lock(out):  # land and announce one pair at a time (see folder_lock)
             store.save(row)
             rows.append(row)
@@ -440,16 +397,102 @@ def run_study(
             if after_config is not None:
                 after_config(row)
     run = StudyRun(out, rows, trained, cached)
-    if not is_main:
-        return run
-    seeds = range(options.seeds)
+    if is_main:
+        context = dict(scale=scale, data=options.data, num_classes=len(classes))
+        _report_when_complete(run, study, store, range(options.seeds), shard, context)
+    return run
+
+
+def _report_when_complete(
+    run: StudyRun,
+    study: Study,
+    store: ResultStore,
+    seeds: range,
+    shard: Shard | None,
+    context: dict[str, Any],
+) -> None:
+    """Note the missing pairs; write the report once the folder holds them all (or no shards)."""
     run.missing = store.collect(study, seeds).missing
     if shard is None or shard.count == 1 or not run.missing:
-        context = dict(scale=scale, data=options.data, num_classes=len(classes))
-        run.missing = _write_report(study, out, store, seeds, context).missing
+        run.missing = _write_report(study, run.out, store, seeds, context).missing
         run.reported = True
-        _say(f"wrote tables, plots and report to {out}")
-    return run
+        _say(f"wrote tables, plots and report to {run.out}")
+
+
+def _sort_pairs(
+    whole: Study,
+    study: Study,
+    options: StudyOptions,
+    runs: Path,
+    store: ResultStore,
+    shard: Shard | None,
+) -> tuple[list[tuple], list[dict[str, Any]], list[str]]:
+    """Sort the job's (config, seed) pairs: those to train, and results already in the folder.
+
+    Returns:
+        ``(config, seed, key, cfg, identity)`` of each pair to train, the saved result rows
+        and their keys.
+
+    Raises:
+        UserError: For a saved result of another recipe.
+
+    """
+    pending, rows, cached = [], [], []
+    for seed in range(options.seeds):
+        for config in study.configs:
+            if shard is not None and not shard.owns(whole, config.name, seed):
+                continue
+            key = pair_key(config.name, seed)
+            cfg = recipe_for(config, options, seed, runs / key)
+            identity = run_identity(cfg)
+            saved = None if options.rerun else store.load(key)
+            if saved is None:
+                pending.append((config, seed, key, cfg, identity))
+            else:
+                store.check(saved, identity)
+                rows.append(saved)
+                cached.append(key)
+    return pending, rows, cached
+
+
+def _result_row(
+    config: StudyConfig,
+    seed: int,
+    cfg: TrainConfig,
+    identity: dict[str, Any],
+    outcome: Any,
+    started: float,
+    measured: dict[str, Any],
+) -> dict[str, Any]:
+    """What a trained pair's result records: config, costs and accuracy, training, machine."""
+    last = outcome.history[-1] if outcome.history else {}
+    return dict(
+        config=config.name,
+        seed=seed,
+        **{k: v for k, v in asdict(config).items() if k != "name"},
+        **measured,
+        steps=outcome.steps,
+        epochs=outcome.epochs,
+        train_loss=last.get("train_loss"),
+        train_top1=last.get("train_top1"),
+        train_curve=[
+            {k: h[k] for k in ("epoch", "step", "lr", "train_loss", "train_top1") if k in h}
+            for h in outcome.history
+        ],
+        train_seconds=outcome.seconds,
+        wall_seconds=time.time() - started,
+        started_at=started,
+        finished_at=time.time(),
+        device=_device_name(resolve_device(cfg.device)),
+        # Machines of one kind differ from day to day (AVX2 one day, AVX-512 with native bf16
+        # the next): the instruction set is part of what the times mean.
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        world_size=world_size(),
+        threads=torch.get_num_threads(),
+        settings=_settings(cfg),
+        recipe=identity,
+        fingerprint=fingerprint(identity),
+    )
 
 
 def _read_study_json(out: Path, name: str) -> dict[str, Any]:
