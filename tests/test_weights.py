@@ -381,3 +381,18 @@ def test_tied_weights_of_norms_sharing_round_trip_through_safetensors(tmp_path):
         torch.testing.assert_close(loaded(x), model(x))
     block = loaded.stage_b[1].blocks["F"]  # the poly-2 unit
     assert block.proj[1].conv is block.proj[0].conv  # still one module after loading
+
+
+def test_the_model_record_owns_its_payload_keys_and_reads_older_spellings():
+    from polynet.io.checkpoint import ModelRecord
+
+    state = {"w": torch.ones(2)}
+    record = ModelRecord("polynet_small", state, {"spec": "A: ir"}, class_names=["a", "b"])
+    payload = record.payload(optimizer={"lr": 1.0})
+    assert payload["model"] is not state and torch.equal(payload["model"]["w"], state["w"])
+    assert payload["class_names"] == ["a", "b"] and payload["optimizer"] == {"lr": 1.0}
+    with pytest.raises(ValueError, match="belong to the model record"):
+        record.payload(model_name="other")
+    older = {"model_name": "polynet_small", "model": state, "classes": ["x", "y"]}
+    read = ModelRecord.read(older)  # before class_names was settled
+    assert read.class_names == ["x", "y"] and read.model_config == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from polynet.cli import summary
-from polynet.io.checkpoint import save_checkpoint
+from polynet.io.checkpoint import ModelRecord, save_checkpoint
 from polynet.io.loading import load_model
 from polynet.io.outputs import check_output
 from polynet.model.grow import grow
@@ -63,16 +63,12 @@ def run(args: argparse.Namespace) -> int:
     overrides = {"sharing": args.sharing} if args.sharing else {}
     model, growth = grow(source, args.target, zero_init=args.zero_init, **overrides)
     print(growth)
-    save_checkpoint(
-        args.out,
-        {
-            "model_name": growth.model_name,
-            "model_config": model.config.to_dict(),
-            "model": model.state_dict(),
-            "class_names": weights.class_names,
-            "grown_from": str(args.source),
-            "growth_map": str(growth),
-        },
+    record = ModelRecord(
+        growth.model_name,
+        model.state_dict(),
+        model.config.to_dict(),
+        class_names=weights.class_names,
     )
+    save_checkpoint(args.out, record.payload(grown_from=str(args.source), growth_map=str(growth)))
     print(f"saved {args.out} ({growth.model_name}: {model.spec})")
     return 0

@@ -8,8 +8,12 @@ it loads with ``torch.load(weights_only=True)``. Its keys:
   ``model_config``: the model's whole :class:`~polynet.model.network.PolyNetConfig` as a dict
   (``model_kwargs``, constructor overrides, in older files and for non-PolyNet models).
 - ``model``: the model's ``state_dict``.
-- ``class_names``: the classifier's class names, when known.
-- Anything else a workflow adds (optimizer, scheduler, RNG states, metrics, ...).
+- ``class_names``: the classifier's class names, when known (``classes`` in older files).
+- ``pretrained_cfg``: the preprocessing the model was trained with.
+- Anything else a workflow adds (optimizer, scheduler, RNG states, metrics, provenance, ...).
+
+:class:`ModelRecord` owns these keys and their older spellings: workflows write and loaders
+read a checkpoint's model through it.
 
 Building a model from a checkpoint is :func:`polynet.io.loading.load_model`.
 """
@@ -21,6 +25,8 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,56 @@ VERSION = 1
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: unreadable, truncated, foreign or unsafe."""
+
+
+@dataclass
+class ModelRecord:
+    """What a polynet checkpoint records of its model: the one owner of those payload keys.
+
+    Attributes:
+        model_name: The registered model (or study model) it was built as.
+        state_dict: Its weights (``model`` in the file).
+        model_config: The whole :class:`~polynet.model.network.PolyNetConfig`, as a dict.
+        model_kwargs: Constructor overrides (older files, and models without a config).
+        class_names: The classifier's class names, when known.
+        pretrained_cfg: The preprocessing the model was trained with.
+
+    """
+
+    model_name: str | None
+    state_dict: Mapping[str, torch.Tensor]
+    model_config: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+
+    def payload(self, **extra: Any) -> dict[str, Any]:
+        """The checkpoint payload: these keys, then what the workflow adds (``extra``)."""
+        clash = set(extra) & {"model_name", "model_config", "model_kwargs", "model"}
+        if clash:
+            raise ValueError(f"{sorted(clash)} belong to the model record; set them on it")
+        return dict(
+            model_name=self.model_name,
+            model_config=dict(self.model_config),
+            model_kwargs=dict(self.model_kwargs),
+            model=dict(self.state_dict),
+            class_names=None if self.class_names is None else list(self.class_names),
+            pretrained_cfg=dict(self.pretrained_cfg),
+            **extra,
+        )
+
+    @classmethod
+    def read(cls, payload: Mapping[str, Any]) -> ModelRecord:
+        """The record of a loaded checkpoint payload, older spellings included."""
+        return cls(
+            payload.get("model_name"),
+            dict(payload["model"]),
+            dict(payload.get("model_config") or {}),
+            dict(payload.get("model_kwargs") or {}),
+            # Training checkpoints before this name was settled called them "classes".
+            payload.get("class_names", payload.get("classes")),
+            dict(payload.get("pretrained_cfg") or {}),
+        )
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:

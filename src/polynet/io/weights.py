@@ -35,7 +35,7 @@ from timm.models._manipulate import adapt_input_conv
 from torch import nn
 
 from polynet.io.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from polynet.io.checkpoint import CheckpointError, atomic_write, read_torch_file
+from polynet.io.checkpoint import CheckpointError, ModelRecord, atomic_write, read_torch_file
 from polynet.io.port_layout import (
     PORT_MODEL,
     from_port_layout,
@@ -124,16 +124,16 @@ def read_weights(path: str | os.PathLike) -> WeightsFile:
         return _read_safetensors(path)
     payload = read_torch_file(path)
     if isinstance(payload, Mapping) and payload.get("format") == CHECKPOINT_FORMAT:
+        record = ModelRecord.read(payload)
         return WeightsFile(
             path,
-            dict(payload["model"]),
+            dict(record.state_dict),
             "checkpoint",
-            payload.get("model_name"),
-            dict(payload.get("model_kwargs", {})),
-            dict(payload.get("pretrained_cfg", {})),
-            # Training checkpoints before this name was settled called them "classes".
-            payload.get("class_names", payload.get("classes")),
-            dict(payload.get("model_config", {})),
+            record.model_name,
+            record.model_kwargs,
+            record.pretrained_cfg,
+            record.class_names,
+            record.model_config,
             payload,
         )
     if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):

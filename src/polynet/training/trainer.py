@@ -35,6 +35,7 @@ from torch import nn
 from polynet.devices import training_amp
 from polynet.distributed import leave
 from polynet.errors import UserError
+from polynet.io.checkpoint import ModelRecord
 from polynet.model.network import describe_classes
 from polynet.model.zoo import check_model_name, create_model
 from polynet.training.budget import measure_speed
@@ -230,14 +231,22 @@ class Trainer:
 
     def _payload(self) -> dict[str, Any]:
         config = getattr(self.raw_model, "config", None)
-        return dict(
-            model_name=self.model_name,
-            model_config=config.to_dict() if config is not None else {},
-            # Models without a config (the ablation's ResNets) are rebuilt from these.
-            model_kwargs={} if config is not None else self.model_kwargs,
+        record = ModelRecord(
+            self.model_name,
             # The weights that were evaluated (the average, with EMA) are what a loader gets;
             # the training weights travel separately for resuming.
-            model=self._evaluated_model().state_dict(),
+            self._evaluated_model().state_dict(),
+            config.to_dict() if config is not None else {},
+            # Models without a config (the ablation's ResNets) are rebuilt from these.
+            {} if config is not None else self.model_kwargs,
+            class_names=self.classes,
+            pretrained_cfg={
+                k: list(v) if isinstance(v, tuple) else v
+                for k, v in self.data_cfg.items()
+                if isinstance(v, (str, int, float, bool, tuple, list)) or v is None
+            },
+        )
+        return record.payload(
             train_model=self.raw_model.state_dict() if self.ema is not None else None,
             optimizer=self.step.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
@@ -245,12 +254,6 @@ class Trainer:
             rng=self.group.gather(rng_state()),
             train_state=self.state.to_dict(),
             config=self.asked.to_dict(),
-            class_names=self.classes,
-            pretrained_cfg={
-                k: list(v) if isinstance(v, tuple) else v
-                for k, v in self.data_cfg.items()
-                if isinstance(v, (str, int, float, bool, tuple, list)) or v is None
-            },
         )
 
     def save(self, best: bool = False) -> None:
