@@ -515,3 +515,18 @@ def test_exported_program_of_an_imagenet_stem_model_with_released_sharing(tmp_pa
     ).eval()
     path = export(model, tmp_path / "net.pt2", "exported", input_size=(3, 75, 75))
     assert exported_max_error(model, path, example_input(model, (3, 75, 75), 3)) < 1e-5
+
+
+def test_a_pruned_model_is_described_by_its_config_and_rebuilt_from_it():
+    from polynet.model.network import PolyNet
+
+    model = polynet.create_model("polynet_small").eval()
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    config = model.config
+    assert (config.num_stages, config.num_classes) == (2, 0)
+    assert model.num_features == model.feature_info[1]["num_chs"] and model.num_classes == 0
+    rebuilt = PolyNet(**config.to_dict()).eval()
+    assert rebuilt.config == config and rebuilt.num_features == model.num_features
+    rebuilt.load_state_dict(model.state_dict())  # the same modules, strictly
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(rebuilt(x), model(x))

@@ -281,6 +281,7 @@ class PolyNetConfig:
     global_pool: str = "avg"
     norm_layer: str | None = None
     act_layer: str | None = None
+    num_stages: int = 3
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain JSON-able values (tuples become lists)."""
@@ -328,16 +329,21 @@ class PolyNet(nn.Module):
         global_pool: timm pool type (``"avg"``, ``"max"``, ``"avgmax"``, ...).
         norm_layer: Norm factory or name.
         act_layer: Activation factory or name.
+        num_stages: Stages kept (3: the whole network); fewer after
+            :meth:`prune_intermediate_layers`, which drops the later stages, the reductions
+            before them and the head.
         device: Where parameters and buffers are created (``"meta"``: the structure and
             shapes without memory). Not part of the config.
         dtype: Floating-point type of parameters and buffers (e.g. ``torch.bfloat16``). Not
             part of the config.
 
     Attributes:
-        config: The :class:`PolyNetConfig` this model was built from, kept up to date by
-            :meth:`reset_classifier` and :meth:`set_path_drop`; ``PolyNet(**config.to_dict())``
-            rebuilds the architecture (layers given as classes are recorded by their import
-            path and must be given again).
+        config: The :class:`PolyNetConfig` this model is, kept up to date by
+            :meth:`reset_classifier`, :meth:`set_path_drop` and
+            :meth:`prune_intermediate_layers`; ``PolyNet(**config.to_dict())`` rebuilds the
+            architecture (layers given as classes are recorded by their import path and must be
+            given again). ``num_classes``, ``in_chans``, ``drop_rate``, ``path_drop_rate``,
+            ``num_features`` and ``head_hidden_size`` are derived from it (:meth:`_derive`).
 
     """
 
@@ -359,6 +365,7 @@ class PolyNet(nn.Module):
         global_pool: str = "avg",
         norm_layer: LayerFactory | None = None,
         act_layer: LayerFactory | None = None,
+        num_stages: int = 3,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -384,9 +391,6 @@ class PolyNet(nn.Module):
         )
         norm_layer, act_layer = resolve_layers(norm_layer, act_layer)
         layers = dict(norm_layer=norm_layer, act_layer=act_layer)
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
         scales = unit_scales(residual_scale, len(self.spec.units))
 
         small = stem == "small"
@@ -409,7 +413,7 @@ class PolyNet(nn.Module):
                 reductions[1],
                 stages[2],
             )
-            self.num_features = chs = widths[-1]
+            chs = widths[-1]
             stem_reduction = stem_stride if small else 8
             self.feature_info = [
                 dict(num_chs=c, reduction=stem_reduction * 2**i, module=f"stage_{name}")
@@ -418,10 +422,27 @@ class PolyNet(nn.Module):
             self.global_pool, last_linear = _classifier(chs, num_classes, global_pool)
             self.head_drop = nn.Dropout(drop_rate)
             self.last_linear = last_linear
-            self.head_hidden_size = chs * self.global_pool.feat_mult()
         if dtype is not None:
             self.to(dtype=dtype)
         self.set_path_drop(path_drop_rate)
+        if not 1 <= num_stages <= len(self.feature_info):
+            raise ValueError(f"num_stages must be 1 to 3, got {num_stages}")
+        if num_stages < len(self.feature_info):
+            self.prune_intermediate_layers(list(range(num_stages)))
+
+    def _derive(self) -> None:
+        """Set the attributes timm and TorchScript read from :attr:`config` (the one source)."""
+        config = self.config
+        self.num_classes = config.num_classes
+        self.in_chans = config.in_chans
+        self.drop_rate = config.drop_rate
+        self.path_drop_rate = config.path_drop_rate
+        self.num_features = self.feature_info[config.num_stages - 1]["num_chs"]
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def _reconfigure(self, **changes: Any) -> None:
+        self.config = dataclasses.replace(self.config, **changes)
+        self._derive()
 
     @property
     def units(self) -> list[PolyInception]:
@@ -440,8 +461,7 @@ class PolyNet(nn.Module):
         units = self.units
         for unit, p in zip(units, linear_rates(len(units), rate), strict=True):
             unit.drop_prob = p
-        self.path_drop_rate = rate
-        self.config = dataclasses.replace(self.config, path_drop_rate=rate)
+        self._reconfigure(path_drop_rate=rate)
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -478,17 +498,13 @@ class PolyNet(nn.Module):
         The ``pretrained_cfg`` follows: its ``num_classes``, and class names only where they
         still number the outputs.
         """
-        self.num_classes = num_classes
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         like = next(self.stem.parameters())  # the new classifier lives where the model does
         self.global_pool, self.last_linear = _classifier(
             self.num_features, num_classes, global_pool, like.device, like.dtype
         )
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.config = dataclasses.replace(
-            self.config, num_classes=num_classes, global_pool=global_pool
-        )
+        self._reconfigure(num_classes=num_classes, global_pool=global_pool)
         if isinstance(getattr(self, "pretrained_cfg", None), dict):
             describe_classes(self.pretrained_cfg, num_classes)
 
@@ -572,7 +588,8 @@ class PolyNet(nn.Module):
     ) -> list[int]:
         """Drop the stages after the last one asked for, and the head (timm's feature API).
 
-        ``config`` keeps describing the whole network the model was built as.
+        ``config`` follows (``num_stages``, and ``num_classes=0`` without the head), so it
+        describes the pruned network and rebuilds it.
 
         Args:
             indices: Stages still to be taken (as for :meth:`forward_intermediates`).
@@ -586,8 +603,8 @@ class PolyNet(nn.Module):
         take, last = take_indices(indices, [info["module"] for info in self.feature_info])
         for name in ("reduction_a", "stage_b", "reduction_b", "stage_c")[2 * last :]:
             setattr(self, name, Stage() if name.startswith("stage") else nn.Identity())
-        if last < len(self.feature_info) - 1:  # the head was sized for stage C's width
-            self.num_features = self.feature_info[last]["num_chs"]
+        if last + 1 < self.config.num_stages:  # the head was sized for the last stage's width
+            self._reconfigure(num_stages=last + 1)
             prune_head = True
         if prune_head:
             self.reset_classifier(0, "")
